@@ -1,0 +1,115 @@
+"""Recognise normalization modules by what they compute, not by their class name.
+
+``classify_norm`` returns a ``NormKind`` for LayerNorm, RMSNorm, offset ``(1+w)`` RMSNorm, BatchNorm,
+GroupNorm and any custom leaf module whose outputs match one of those formulas on a random probe.
+
+>>> import torch
+>>> classify_norm(torch.nn.LayerNorm(8)).family
+'layernorm'
+>>> classify_norm(torch.nn.Linear(8, 8)) is None
+True
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
+
+
+@dataclasses.dataclass(frozen=True)
+class NormKind:
+    """What a norm module computes.
+
+    family: "layernorm" (centre + scale), "rmsnorm" (scale only, gain w), "rmsnorm_offset" (gain 1+w),
+    "batchnorm", "groupnorm". ``size`` is the normalized (last-axis) width for layer/RMS norms.
+    """
+
+    family: str
+    size: int | None
+    eps: float | None
+    has_weight: bool
+    has_bias: bool
+    class_name: str
+
+    @property
+    def is_token_norm(self) -> bool:
+        """True for norms that normalize each token's feature vector (LN / RMS families)."""
+        return self.family in ("layernorm", "rmsnorm", "rmsnorm_offset")
+
+
+def _eps_of(module: torch.nn.Module) -> float | None:
+    for attr in _EPS_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _own_1d_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 1}
+
+
+def classify_norm(module: torch.nn.Module) -> NormKind | None:
+    """Return the NormKind of ``module``, or None if it is not a normalization layer."""
+    name = type(module).__name__
+    if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+        return NormKind("batchnorm", module.num_features, module.eps, module.weight is not None,
+                        module.bias is not None, name)
+    if isinstance(module, torch.nn.GroupNorm):
+        return NormKind("groupnorm", module.num_channels, module.eps, module.weight is not None,
+                        module.bias is not None, name)
+    if isinstance(module, torch.nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            return NormKind("layernorm", None, module.eps, module.weight is not None,
+                            module.bias is not None, name)
+        return NormKind("layernorm", module.normalized_shape[0], module.eps, module.weight is not None,
+                        getattr(module, "bias", None) is not None, name)
+    if isinstance(module, torch.nn.RMSNorm):
+        size = module.normalized_shape[0] if len(module.normalized_shape) == 1 else None
+        eps = module.eps if module.eps is not None else None
+        return NormKind("rmsnorm", size, eps, module.weight is not None, False, name)
+    if next(iter(module.children()), None) is not None:
+        return None
+    params = _own_1d_params(module)
+    if not params or "norm" not in name.lower() and set(params) - {"weight", "bias"}:
+        return None
+    return _probe(module, params)
+
+
+def _probe(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> NormKind | None:
+    """Compare the module's output on a random input with each candidate formula."""
+    weight = params.get("weight", params.get("scale", params.get("gamma")))
+    bias = params.get("bias", params.get("beta"))
+    if weight is None:
+        return None
+    d = weight.numel()
+    eps = _eps_of(module)
+    probe = copy.deepcopy(module).to(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, d, generator=gen, dtype=torch.float64) * 3.0 + 0.7  # [6, d], non-zero mean
+    try:
+        with torch.no_grad():
+            y = probe(x)
+    except Exception:  # not callable on a plain [N, d] tensor: not a token norm we understand
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    w = weight.detach().to(torch.float64)
+    b = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(w)
+    e = eps if eps is not None else 0.0
+    centred = x - x.mean(-1, keepdim=True)
+    ln = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + e) * w + b
+    rms_unit = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + e)
+    candidates = [
+        ("layernorm", ln, True),
+        ("rmsnorm", rms_unit * w + b, bias is not None),
+        ("rmsnorm_offset", rms_unit * (1.0 + w) + b, bias is not None),
+    ]
+    scale = y.abs().max().clamp_min(1e-12)
+    for family, expected, has_bias in candidates:
+        if ((y - expected).abs().max() / scale) < 1e-4:
+            return NormKind(family, d, eps, True, has_bias, type(module).__name__)
+    return None

@@ -1,0 +1,430 @@
+"""The norm map: every norm, what reads it, what writes the residual stream, and each block's placement.
+
+Built from the recorded dataflow (``trace.py``), never from module names. The central idea is a
+*linear decomposition*: for every recorded tensor we compute the set of "atoms" (leaf-module outputs,
+parameters read directly) whose sum it is, following only ops that keep a tensor a linear
+combination of its inputs along the feature axis (add, scalar mul, views, dropout in eval, concat on
+a token axis). A residual stream is a chain of such sums; its atoms are the stream's *writers*.
+
+Roles of token norms (LayerNorm / RMSNorm families):
+- ``pre``       reads the stream; its output reaches a block that writes back into the stream.
+- ``final``     reads the stream; its output never reaches the stream again (feeds the heads).
+- ``post``      normalizes the stream itself (its output becomes the stream): Post-LN.
+- ``output``    normalizes one sublayer's output before it is added (Peri-LN / sandwich).
+- ``embedding`` normalizes a table lookup before it enters the stream (BLOOM).
+- ``inner``     anything else (QK-norms, norms inside attention or MLP): never touched.
+
+>>> import torch, transformers as T
+>>> cfg = T.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+>>> nm = build_norm_map(T.GPT2LMHeadModel(cfg).eval())
+>>> [(n.name, n.role) for n in nm.norms]
+[('transformer.h.0.ln_1', 'pre'), ('transformer.h.0.ln_2', 'pre'), ('transformer.ln_f', 'final')]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from normsurgeon.graph.layouts import has_bias, in_features, layout_of, out_features
+from normsurgeon.graph.norm_kinds import NormKind, classify_norm
+from normsurgeon.graph.trace import DataflowGraph, Node, trace_dataflow
+
+# Ops through which a tensor stays the same linear combination of atoms (feature axis untouched).
+_TRANSPARENT = {
+    "view", "reshape", "flatten", "transpose", "permute", "contiguous", "to", "type", "float", "double",
+    "half", "bfloat16", "clone", "expand", "expand_as", "squeeze", "unsqueeze", "__getitem__", "dropout",
+    "detach", "movedim", "swapaxes", "unflatten", "alpha_dropout", "feature_alpha_dropout",
+}
+_ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
+_SCALE = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__", "neg"}
+_CAT = {"cat", "concat", "concatenate"}
+
+
+@dataclasses.dataclass
+class Reader:
+    """A module that reads a norm's output along its input axis."""
+
+    name: str
+    layout: str | None  # "linear" | "conv1d" | None (not foldable)
+    in_features: int | None
+    has_bias: bool
+
+
+@dataclasses.dataclass
+class Writer:
+    """Something whose output is summed into a residual stream."""
+
+    name: str
+    kind: str  # "linear" | "conv1d" | "embedding" | "conv" | "param" | "buffer" | "norm" | "other"
+    width: int | None
+    has_bias: bool = False
+
+
+@dataclasses.dataclass
+class NormInfo:
+    name: str
+    kind: NormKind
+    role: str
+    block: str | None
+    calls: int
+    readers: list[Reader]
+    stream_writers: list[str]  # writers summed into this norm's input (for stream-reading norms)
+    problems: list[str]  # why this norm's affine cannot be folded, if any
+    reads_output: bool = False  # its (transparent) output is a model output
+    input_node: int = -1
+
+
+@dataclasses.dataclass
+class BlockInfo:
+    name: str
+    norms: list[str]
+    writers: list[str]
+    placement: str
+
+
+@dataclasses.dataclass
+class NormMap:
+    """Everything the recipes need to know about a model's norms, derived from one traced forward pass."""
+
+    model_class: str
+    hidden_size: int | None
+    norms: list[NormInfo]
+    writers: list[Writer]
+    blocks: list[BlockInfo]
+    placement: str
+    stream_problems: list[str]
+    other_norm_ops: list[str]  # functional norms called outside any module
+    embedding_tables: list[str] = dataclasses.field(default_factory=list)  # nn.Embedding modules
+
+    # -- selections ----------------------------------------------------------------------------
+    def by_role(self, *roles: str) -> list[NormInfo]:
+        return [n for n in self.norms if n.role in roles]
+
+    def norm(self, name: str) -> NormInfo:
+        for n in self.norms:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    @property
+    def residual_norms(self) -> list[NormInfo]:
+        return [n for n in self.norms if n.role in ("pre", "final", "post", "output", "embedding")]
+
+    def families(self) -> set[str]:
+        return {n.kind.family for n in self.residual_norms}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear decomposition of every recorded tensor
+# ----------------------------------------------------------------------------------------------
+
+def _is_scalar_like(node: Node) -> bool:
+    return len(node.shape) == 0 or all(s == 1 for s in node.shape)
+
+
+def _decompose(graph: DataflowGraph, norm_names: set[str]) -> list[frozenset[int] | None]:
+    """For each node: the set of atom node indices it is the sum of, or None if not linear."""
+    terms: list[frozenset[int] | None] = []
+    for n in graph.nodes:
+        t: frozenset[int] | None = None
+        if n.kind == "param" and n.is_float:
+            t = frozenset([n.idx])
+        elif n.kind == "module":
+            mod = graph.modules[n.target]
+            if isinstance(mod, (torch.nn.Dropout,)) and n.inputs:
+                t = terms[n.inputs[0]]
+            elif n.target in norm_names or layout_of(mod) is not None:
+                t = frozenset([n.idx])
+        elif n.kind == "op" and n.is_float:
+            t = _decompose_op(graph, n, terms)
+        terms.append(t)
+    return terms
+
+
+def _decompose_op(graph: DataflowGraph, n: Node, terms: list) -> frozenset[int] | None:
+    ins = n.inputs
+    name = n.target
+    if name in _TRANSPARENT and len(ins) >= 1:
+        return terms[ins[0]] if _feature_axis_kept(graph, n) else None
+    if name in _ADD:
+        if len(ins) == 2:
+            a, b = terms[ins[0]], terms[ins[1]]
+            return a | b if a is not None and b is not None else None
+        if len(ins) == 1 and all(s == 0 for s in n.scalars if isinstance(s, (int, float))):
+            return terms[ins[0]]
+        return None
+    if name in _SCALE:
+        if len(ins) == 1:
+            return terms[ins[0]]
+        if len(ins) == 2:
+            a, b = (graph.nodes[i] for i in ins)
+            if _is_scalar_like(b) and b.kind in ("external", "param", "op") and terms[ins[0]] is not None \
+                    and name not in ("div", "div_", "__truediv__", "__itruediv__") or \
+                    _is_scalar_like(b) and name in ("div", "div_", "__truediv__", "__itruediv__"):
+                return terms[ins[0]]
+            if _is_scalar_like(a) and name in ("mul", "mul_", "__mul__", "__rmul__"):
+                return terms[ins[1]]
+        return None
+    if name in _CAT:
+        dim = n.kwargs.get("dim", next((s for s in n.scalars if isinstance(s, int)), 0))
+        if dim in (-1, len(n.shape) - 1):
+            return None
+        parts = [terms[i] for i in ins]
+        if any(p is None for p in parts):
+            return None
+        out: frozenset[int] = frozenset()
+        for p in parts:
+            out |= p
+        return out
+    return None
+
+
+def _feature_axis_kept(graph: DataflowGraph, n: Node) -> bool:
+    """A transparent op must not slice or mix the feature axis (checked by the last-axis width)."""
+    if n.target != "__getitem__":
+        return True
+    src = graph.nodes[n.inputs[0]]
+    return bool(src.shape) and bool(n.shape) and src.shape[-1] == n.shape[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the map
+# ----------------------------------------------------------------------------------------------
+
+def _reachable(graph: DataflowGraph, start: int) -> set[int]:
+    seen, stack = set(), [start]
+    while stack:
+        i = stack.pop()
+        for u in graph.users.get(i, []):
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _blocks(model: torch.nn.Module) -> list[str]:
+    """Names of the children of every ModuleList that holds modules (the model's repeated blocks)."""
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            names.extend(f"{name}.{i}" for i in range(len(mod)))
+    return names
+
+
+def _block_of(name: str, blocks: list[str]) -> str | None:
+    best = None
+    for b in blocks:
+        if name.startswith(b + ".") and (best is None or len(b) > len(best)):
+            best = b
+    return best
+
+
+def _walk_readers(graph: DataflowGraph, start: int, norm_names: set[str]) -> tuple[list[str], list[str], bool]:
+    """Follow a norm's output through transparent ops; return (reader modules, problems, reaches output)."""
+    readers: list[str] = []
+    problems: list[str] = []
+    reaches_output = start in graph.outputs
+    stack, seen = [start], {start}
+    while stack:
+        i = stack.pop()
+        for u in graph.users.get(i, []):
+            node = graph.nodes[u]
+            if u in seen:
+                continue
+            seen.add(u)
+            if node.kind == "module":
+                mod = graph.modules[node.target]
+                if isinstance(mod, torch.nn.Dropout):
+                    stack.append(u)
+                    reaches_output |= u in graph.outputs
+                elif node.target not in readers:
+                    readers.append(node.target)
+            elif node.kind == "op" and node.target in _TRANSPARENT and _feature_axis_kept(graph, node):
+                stack.append(u)
+                reaches_output |= u in graph.outputs
+            else:
+                problems.append(f"its output goes through `{node.target}` before reaching a linear layer")
+    return readers, problems, reaches_output
+
+
+def build_norm_map(model: torch.nn.Module, example: dict[str, Any] | None = None) -> NormMap:
+    """Trace ``model`` once (on ``example`` kwargs, or a tiny input built from its config) and analyse it."""
+    example = example if example is not None else example_inputs(model)
+    graph = trace_dataflow(model, (), example)
+    return analyse(model, graph)
+
+
+def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
+    kinds: dict[str, NormKind] = {}
+    for n in graph.nodes:
+        if n.kind == "module" and n.target not in kinds:
+            k = classify_norm(graph.modules[n.target])
+            if k is not None:
+                kinds[n.target] = k
+    token_norms = {name for name, k in kinds.items() if k.is_token_norm}
+    terms = _decompose(graph, token_norms)
+
+    # Atoms that are summed with something else somewhere: these write into a residual stream.
+    stream_atoms: set[int] = set()
+    for t in terms:
+        if t is not None and len(t) >= 2:
+            stream_atoms |= t
+
+    def is_stream(idx: int) -> bool:
+        t = terms[idx]
+        return t is not None and len(t) > 0 and t <= stream_atoms
+
+    blocks = _blocks(model)
+    norm_calls: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        if n.kind == "module" and n.target in kinds:
+            norm_calls.setdefault(n.target, []).append(n)
+
+    writer_nodes = {graph.nodes[a].target: graph.nodes[a] for a in stream_atoms}
+    norms: list[NormInfo] = []
+    for name, calls in norm_calls.items():
+        kind = kinds[name]
+        node = calls[0]
+        problems: list[str] = []
+        if len(calls) > 1:
+            problems.append(f"the module is called {len(calls)} times in one forward pass")
+        in_idx = node.inputs[0] if node.inputs else -1
+        role = "inner"
+        stream_writers: list[str] = []
+        readers_names, reader_problems, reads_output = _walk_readers(graph, node.idx, token_norms)
+        if not kind.is_token_norm:
+            role = "batchnorm" if kind.family == "batchnorm" else kind.family
+        elif in_idx >= 0 and kind.size is not None and graph.nodes[in_idx].shape[-1:] == (kind.size,):
+            out_in_stream = node.idx in stream_atoms
+            if is_stream(in_idx):
+                stream_writers = sorted({graph.nodes[a].target for a in terms[in_idx]})
+                if out_in_stream:
+                    role = "post"
+                else:
+                    reach = _reachable(graph, node.idx)
+                    role = "pre" if reach & stream_atoms else "final"
+            elif out_in_stream:
+                atoms = terms[in_idx] or frozenset()
+                lookups = all(layout_of(graph.modules.get(graph.nodes[a].target, torch.nn.Identity())) == "embedding"
+                              or graph.nodes[a].kind == "param" for a in atoms) and atoms
+                role = "embedding" if lookups else "output"
+                stream_writers = sorted({graph.nodes[a].target for a in atoms})
+        readers = []
+        for r in readers_names:
+            mod = graph.modules[r]
+            readers.append(Reader(r, layout_of(mod) if layout_of(mod) in ("linear", "conv1d") else None,
+                                  in_features(mod), has_bias(mod)))
+        if role in ("pre", "final"):
+            problems.extend(reader_problems)
+            for r in readers:
+                if r.layout is None:
+                    problems.append(f"its reader `{r.name}` ({type(graph.modules[r.name]).__name__}) is not a linear layer")
+                elif r.in_features != kind.size:
+                    problems.append(f"its reader `{r.name}` reads {r.in_features} features, not {kind.size}")
+        norms.append(NormInfo(name, kind, role, _block_of(name, blocks), len(calls), readers, stream_writers,
+                              problems, reads_output, in_idx))
+
+    writers = []
+    for name, wn in sorted(writer_nodes.items(), key=lambda kv: kv[1].idx):
+        if wn.kind == "param":
+            kind = "buffer" if name not in dict(model.named_parameters()) else "param"
+            writers.append(Writer(name, kind, wn.shape[-1] if wn.shape else None))
+        else:
+            mod = graph.modules[name]
+            if name in kinds:
+                writers.append(Writer(name, "norm", kinds[name].size))
+            else:
+                writers.append(Writer(name, layout_of(mod) or "other", out_features(mod), has_bias(mod)))
+
+    stream_problems = _stream_problems(graph, terms, stream_atoms, is_stream, kinds)
+    hidden = _hidden_size(norms)
+    block_infos = _block_placements(blocks, norms, writers)
+    placements = {b.placement for b in block_infos if b.placement != "none"} or {"none"}
+    placement = placements.pop() if len(placements) == 1 else "mixed"
+    other_ops = sorted({n.target for n in graph.nodes if n.kind == "op"
+                        and n.target in ("layer_norm", "rms_norm", "group_norm", "batch_norm")})
+    tables = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)]
+    return NormMap(type(model).__name__, hidden, norms, writers, block_infos, placement, stream_problems,
+                   other_ops, tables)
+
+
+def _stream_problems(graph, terms, stream_atoms, is_stream, kinds) -> list[str]:
+    """Places where the raw residual stream is read by something other than a norm or a further sum."""
+    problems = []
+    for n in graph.nodes:
+        if not is_stream(n.idx):
+            continue
+        for u in graph.users.get(n.idx, []):
+            user = graph.nodes[u]
+            if is_stream(u):
+                continue
+            if user.kind == "module" and user.target in kinds and kinds[user.target].is_token_norm:
+                continue
+            if user.kind == "module" and isinstance(graph.modules[user.target], torch.nn.Dropout):
+                continue
+            where = user.target or user.kind
+            src = graph.nodes[n.idx].target or f"node {n.idx}"
+            problems.append(f"the residual stream (after `{src}`) is read by `{where}` without a norm")
+        if n.idx in graph.outputs and len(terms[n.idx]) > 1:
+            problems.append("the raw residual stream is a model output (no final norm)")
+    return sorted(set(problems))
+
+
+def _hidden_size(norms: list[NormInfo]) -> int | None:
+    sizes = {n.kind.size for n in norms if n.role in ("pre", "final", "post")}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _block_placements(blocks, norms, writers) -> list[BlockInfo]:
+    out = []
+    for b in blocks:
+        bnorms = [n for n in norms if n.block == b and n.role != "inner"]
+        bwriters = [w.name for w in writers if _block_of(w.name, [b]) == b]
+        if not bnorms and not bwriters:
+            continue
+        roles = sorted({n.role for n in bnorms})
+        pre_inputs = {n.input_node for n in bnorms if n.role == "pre"}
+        if not bnorms:
+            placement = "none"
+        elif roles == ["pre"]:
+            placement = "parallel" if len(pre_inputs) == 1 and len(bwriters) >= 2 else "pre-ln"
+        elif roles == ["post"]:
+            placement = "post-ln"
+        elif roles == ["output", "pre"]:
+            placement = "peri-ln"
+        elif roles == ["output"]:
+            placement = "output-norm-only"
+        else:
+            placement = "mixed(" + "+".join(roles) + ")"
+        out.append(BlockInfo(b, [n.name for n in bnorms], bwriters, placement))
+    return out
+
+
+def example_inputs(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
+    """A tiny deterministic input for tracing, chosen from the model's config (text ids or pixels)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        factory = getattr(model, "example_inputs", None)
+        if callable(factory):
+            ex = factory()
+            return ex if isinstance(ex, dict) else {"input": ex}
+        raise ValueError("a plain torch module needs an `example_inputs()` method to be traced")
+    gen = torch.Generator().manual_seed(0)
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values":
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        return {"pixel_values": torch.randn(1, cfg.num_channels, size, size, generator=gen,
+                                            dtype=next(model.parameters()).dtype)}
+    vocab = getattr(cfg, "vocab_size", 256)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if getattr(cfg, "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs
+
+

@@ -1,0 +1,77 @@
+"""Runtime modules that converted models use: RMSNorm with optional affine, and CRMSNorm.
+
+``RMSNorm`` here keeps the parameter names of the LayerNorm it replaces (``weight``, ``bias``) so a
+converted checkpoint has the same keys as its source and loads into the stock class as well.
+
+Implementation per device (issue #2, planning measurement): on CPU, torch 2.13's ``F.rms_norm`` is a
+composite that ran about 3x slower than the fused ``F.layer_norm`` kernel. On a zero-mean input both
+compute the same function (the mean they subtract is zero up to round-off), and a converted model's
+residual stream is zero-mean by construction, so ``impl="auto"`` uses the layer_norm kernel on CPU and
+``F.rms_norm`` elsewhere. Use ``impl="rms"`` when fine-tuning (writers may drift off zero-mean).
+
+>>> import torch
+>>> x = torch.randn(2, 8, dtype=torch.float64); x = x - x.mean(-1, keepdim=True)
+>>> n = RMSNorm(8, eps=1e-5)
+>>> torch.allclose(n(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+True
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_IMPLS = ("auto", "rms", "layernorm-kernel")
+
+
+class RMSNorm(torch.nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight + bias, over the last axis (weight, bias optional)."""
+
+    def __init__(self, size: int, eps: float, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, impl: str = "auto"):
+        super().__init__()
+        if impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}")
+        self.normalized_shape = (size,)
+        self.eps = float(eps)
+        self.impl = impl
+        self.weight = torch.nn.Parameter(weight.detach().clone()) if weight is not None else None
+        self.bias = torch.nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_ln_kernel = self.impl == "layernorm-kernel" or (self.impl == "auto" and x.device.type == "cpu")
+        if use_ln_kernel:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}, impl={self.impl}, bias={self.bias is not None}"
+
+
+class CRMSNorm(torch.nn.Module):
+    """Compressed RMSNorm (Jiang et al. 2023) on the first d-1 coordinates of a zero-mean d-vector.
+
+    The dropped coordinate is minus the sum of the others, so
+    y = x' / sqrt((|x'|^2 + (sum x')^2) / d + eps), with x' of width d-1.
+
+    >>> import torch
+    >>> x = torch.randn(3, 6, dtype=torch.float64); x = x - x.mean(-1, keepdim=True)
+    >>> full = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    >>> torch.allclose(CRMSNorm(6, 1e-6)(x[:, :5]), full[:, :5])
+    True
+    """
+
+    def __init__(self, full_size: int, eps: float):
+        super().__init__()
+        self.full_size = int(full_size)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        # x: [..., d-1]; the missing coordinate is -sum(x), so sum of squares gains sum(x)^2.
+        ms = (xf.pow(2).sum(-1, keepdim=True) + xf.sum(-1, keepdim=True).pow(2)) / self.full_size
+        return (xf * torch.rsqrt(ms + self.eps)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.full_size - 1} (of {self.full_size}), eps={self.eps}"

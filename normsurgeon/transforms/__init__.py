@@ -1,0 +1,1 @@
+"""Weight transforms: primitives (fold, centre, shrink) and the recipes built from them."""

@@ -1,0 +1,98 @@
+"""Carry out an ``RmsPlan`` on a float64 model in place.
+
+Order: untie shared reader weights, bake embedding norms into their tables, fold each norm's gain and
+shift into its readers, centre every residual writer, swap the norms. Folding scales reader *input*
+columns and centring subtracts writer *output* means, so the two commute even for a module that is
+both (see tests/test_primitives.py).
+
+>>> import torch, transformers as T
+>>> from normsurgeon.graph.normmap import build_norm_map
+>>> from normsurgeon.transforms.plan import plan_rms_conversion
+>>> m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval().double()
+>>> ids = torch.randint(0, 64, (1, 5)); ref = m(ids).logits.log_softmax(-1)
+>>> apply_rms_plan(m, plan_rms_conversion(m, build_norm_map(m), "rmsnorm"))
+>>> bool((m(ids).logits.log_softmax(-1) - ref).abs().max() < 1e-10)
+True
+"""
+from __future__ import annotations
+
+import torch
+
+from normsurgeon.modules import CRMSNorm, RMSNorm
+from normsurgeon.transforms.plan import RmsPlan
+from normsurgeon.transforms.primitives import (bake_norm_into_table, center_writer, fold_affine_into_reader,
+                                               shrink_reader, shrink_writer)
+
+
+def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, child = _parent(model, name)
+    setattr(parent, child, new)
+
+
+def untie_output_embeddings(model: torch.nn.Module, plan: RmsPlan) -> None:
+    for reader, _ in plan.untie:
+        mod = model.get_submodule(reader)
+        mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+    if plan.untie and getattr(model, "config", None) is not None:
+        model.config.tie_word_embeddings = False
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+        if text is not None:
+            text.tie_word_embeddings = False
+
+
+def apply_rms_plan(model: torch.nn.Module, plan: RmsPlan) -> None:
+    """Rewrite ``model`` (float64) into Pre-RMSNorm form, in place, as the plan says."""
+    modules = dict(model.named_modules())
+    untie_output_embeddings(model, plan)
+    for norm_name, table in plan.bake:
+        bake_norm_into_table(modules[table], modules[norm_name])
+        _set_module(model, norm_name, torch.nn.Identity())
+    for f in plan.folds:
+        norm = modules[f.norm]
+        gain = norm.weight.detach().clone() if (f.fold_gain and norm.weight is not None) else None
+        shift = norm.bias.detach().clone() if (f.fold_shift and norm.bias is not None) else None
+        for reader, layout in f.readers:
+            if f.fold_gain:
+                fold_affine_into_reader(modules[reader], layout, gain, shift, create_bias=f.fold_shift)
+        with torch.no_grad():
+            if gain is not None:
+                norm.weight.fill_(1.0)
+            if shift is not None:
+                norm.bias.zero_()
+    params = dict(model.named_parameters())
+    for name, kind in plan.center:
+        if kind == "param":
+            center_writer(None, params[name])
+        else:
+            center_writer(modules[name])
+    for name, eps in plan.replace.items():
+        old = modules[name]
+        weight = getattr(old, "weight", None)
+        bias = getattr(old, "bias", None)
+        size = plan.hidden_size
+        if plan.target == "crmsnorm":
+            new: torch.nn.Module = CRMSNorm(size, eps)
+        else:
+            new = RMSNorm(size, eps, weight=weight, bias=bias)
+        _set_module(model, name, new)
+    if plan.target == "crmsnorm":
+        shrink_to_crms(model, plan)
+
+
+def shrink_to_crms(model: torch.nn.Module, plan: RmsPlan) -> None:
+    """Drop the redundant last residual coordinate: writers lose an output, readers an input."""
+    modules = dict(model.named_modules())
+    for name, kind in plan.center:
+        if kind == "param":
+            owner, attr = _parent(model, name)
+            shrink_writer(None, owner, attr)
+        else:
+            shrink_writer(modules[name])
+    for f in plan.folds:
+        for reader, _ in f.readers:
+            shrink_reader(modules[reader])

@@ -1,0 +1,176 @@
+"""The conversion plan: what Pre-LN -> Pre-RMSNorm / Pre-CRMSNorm will do to each tensor, and why not.
+
+``plan_rms_conversion`` reads a ``NormMap`` and either returns a ``RmsPlan`` (every action named) or
+raises ``UnsupportedModel`` listing each structure that blocks an exact conversion.
+
+>>> import torch, transformers as T
+>>> from normsurgeon.graph.normmap import build_norm_map
+>>> m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+>>> plan = plan_rms_conversion(m, build_norm_map(m), "rmsnorm")
+>>> plan.untie
+([('lm_head', 'transformer.wte')], ['transformer.ln_f'])
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from normsurgeon.errors import UnsupportedModel
+from normsurgeon.graph.normmap import NormMap
+
+TARGETS = ("rmsnorm", "crmsnorm")
+BIAS_POLICIES = ("stock", "fold-all")
+
+
+@dataclasses.dataclass
+class Fold:
+    norm: str
+    readers: list[tuple[str, str]]  # (module name, layout)
+    fold_gain: bool
+    fold_shift: bool
+    reason: str = ""  # why the shift stays on the norm, if it does
+
+
+@dataclasses.dataclass
+class RmsPlan:
+    target: str
+    bias_policy: str
+    hidden_size: int
+    untie: list[tuple[str, str]]  # (reader module whose weight is cloned, writer it was tied to)
+    bake: list[tuple[str, str]]  # (embedding norm, embedding table it is baked into)
+    center: list[tuple[str, str]]  # (writer name, kind)
+    folds: list[Fold]
+    replace: dict[str, float]  # norm name -> eps
+    created_bias: list[str]
+    kept_shift: list[str]
+    kept_gain: list[str]
+    notes: list[str]
+
+    @property
+    def stock_loadable(self) -> bool:
+        """Whether the stock Hugging Face class can hold every tensor of the result."""
+        return self.target == "rmsnorm" and not self.bake and not self.created_bias
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stock_loadable"] = self.stock_loadable
+        return d
+
+
+def refusal_reasons(nm: NormMap, target: str) -> list[str]:
+    """Every structure that prevents an exact Pre-LN -> Pre-RMSNorm conversion (empty when none)."""
+    reasons: list[str] = []
+    res = nm.residual_norms
+    if not res:
+        return ["no norm on the residual stream was found"]
+    fams = {n.kind.family for n in res}
+    if fams <= {"rmsnorm", "rmsnorm_offset"}:
+        kinds = sorted({n.kind.class_name for n in res})
+        offset = " (offset (1+w) gains)" if "rmsnorm_offset" in fams else ""
+        return [f"the model already uses RMSNorm{offset} ({', '.join(kinds)}): nothing to convert; "
+                "centering an RMSNorm model's residual is not function-preserving"]
+    for n in res:
+        if n.kind.family != "layernorm":
+            reasons.append(f"`{n.name}` is a {n.kind.family} ({n.kind.class_name}) mixed with LayerNorms")
+        if n.kind.eps is None:
+            reasons.append(f"`{n.name}` ({n.kind.class_name}) has no readable epsilon")
+        if n.role == "post":
+            reasons.append(f"Post-LN: `{n.name}` normalizes the residual stream itself (its output is the "
+                           "stream), so its centering cannot be moved into the weights")
+        elif n.role == "output":
+            reasons.append(f"`{n.name}` normalizes a sublayer output before it is added to the residual "
+                           "(Peri-LN/sandwich): its centering cannot be moved into the weights")
+        elif n.role == "embedding" and not _bakeable(nm, n.name):
+            reasons.append(f"embedding norm `{n.name}` reads more than one table (positions added before "
+                           "it), so it cannot be baked into a table")
+        elif n.role in ("pre", "final"):
+            reasons.extend(f"`{n.name}`: {p}" for p in n.problems)
+        if n.calls > 1:
+            reasons.append(f"`{n.name}` is called {n.calls} times in one forward pass")
+    reasons.extend(nm.stream_problems)
+    if nm.other_norm_ops:
+        reasons.append("functional norm calls outside any module (" + ", ".join(nm.other_norm_ops) +
+                       "): the map cannot see what they normalize")
+    for w in nm.writers:
+        if w.kind in ("buffer", "other"):
+            reasons.append(f"residual writer `{w.name}` is a {w.kind} that cannot be rewritten in the checkpoint")
+        elif w.kind == "norm" and not any(n.name == w.name and n.role == "embedding" for n in res):
+            reasons.append(f"the output of norm `{w.name}` is added to the residual stream")
+        elif w.kind != "norm" and nm.hidden_size is not None and w.width != nm.hidden_size:
+            reasons.append(f"residual writer `{w.name}` writes {w.width} features, not {nm.hidden_size}")
+    if not nm.by_role("pre"):
+        reasons.append("no Pre-LN norm was found (no norm reads the residual stream before a block)")
+    if target == "crmsnorm":
+        for n in nm.by_role("final"):
+            if n.reads_output:
+                reasons.append(f"`{n.name}`'s output is a model output; Pre-CRMSNorm would change its width")
+    return sorted(set(reasons))
+
+
+def _bakeable(nm: NormMap, norm_name: str) -> bool:
+    """An embedding norm can be baked when it reads exactly one table and nothing else."""
+    n = nm.norm(norm_name)
+    return len(n.stream_writers) == 1 and n.stream_writers[0] in nm.embedding_tables
+
+
+def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_policy: str = "stock") -> RmsPlan:
+    """Plan the exact conversion, or raise UnsupportedModel naming every blocking structure."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}")
+    reasons = refusal_reasons(nm, target)
+    if reasons:
+        raise UnsupportedModel(f"cannot convert {nm.model_class} to Pre-{target.upper().replace('NORM', 'Norm')} "
+                               "exactly: " + "; ".join(reasons))
+    modules = dict(model.named_modules())
+    policy = "fold-all" if target == "crmsnorm" else bias_policy
+    notes: list[str] = []
+    bake = [(n.name, n.stream_writers[0]) for n in nm.by_role("embedding")]
+    center = []
+    for w in nm.writers:
+        if w.kind == "norm":
+            center.append((dict(bake)[w.name], "embedding"))
+        else:
+            center.append((w.name, w.kind))
+
+    writer_params = {}
+    for name, kind in center:
+        if kind != "param":
+            writer_params[id(modules[name].weight)] = name
+    seen_readers: dict[str, str] = {}
+    folds, untie, created, kept_shift, kept_gain = [], [], [], [], []
+    for n in nm.by_role("pre", "final"):
+        readers = [(r.name, r.layout) for r in n.readers]
+        for r, _ in readers:
+            if r in seen_readers:
+                raise UnsupportedModel(f"`{r}` reads both `{seen_readers[r]}` and `{n.name}`")
+            seen_readers[r] = n.name
+            tied_to = writer_params.get(id(modules[r].weight))
+            if tied_to is not None:
+                untie.append((r, tied_to))
+        shift = modules[n.name].bias if n.kind.has_bias else None
+        has_shift = shift is not None and bool(torch.any(shift != 0))
+        gain_ok = bool(readers) and not n.reads_output
+        if not gain_ok:
+            kept_gain.append(n.name)
+            kept_shift.append(n.name) if has_shift else None
+            folds.append(Fold(n.name, readers, False, False, "its output is a model output"))
+            continue
+        missing = [r.name for r in n.readers if not r.has_bias]
+        if has_shift and missing and policy == "stock":
+            kept_shift.append(n.name)
+            kept_gain.append(n.name)
+            # A shift kept on the norm sits after the gain, so the gain must stay there too.
+            reason = (f"{', '.join(f'`{m}`' for m in missing)} has no bias in the stock class; gain and shift "
+                      "stay on the RMSNorm (use --bias-policy fold-all to create the biases)")
+            folds.append(Fold(n.name, readers, False, False, reason))
+            continue
+        if has_shift:
+            created.extend(missing)
+        folds.append(Fold(n.name, readers, True, has_shift))
+    replace = {n.name: float(n.kind.eps) for n in nm.by_role("pre", "final")}
+    if untie:
+        extra = sum(modules[r].weight.numel() for r, _ in untie)
+        notes.append(f"untied {', '.join(r for r, _ in untie)} from the embedding: +{extra:,} parameters")
+    return RmsPlan(target, policy, int(nm.hidden_size), untie, bake, center, folds, replace, created,
+                   kept_shift, kept_gain, notes)
