@@ -45,46 +45,52 @@ def untie_output_embeddings(model: torch.nn.Module, plan: RmsPlan) -> None:
             text.tie_word_embeddings = False
 
 
-def apply_rms_plan(model: torch.nn.Module, plan: RmsPlan) -> None:
-    """Rewrite ``model`` (float64) into Pre-RMSNorm form, in place, as the plan says."""
+def bake_embedding_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
     modules = dict(model.named_modules())
-    untie_output_embeddings(model, plan)
     for norm_name, table in plan.bake:
         bake_norm_into_table(modules[table], modules[norm_name])
         _set_module(model, norm_name, torch.nn.Identity())
+
+
+def fold_norm_affine(model: torch.nn.Module, plan: RmsPlan) -> None:
+    modules = dict(model.named_modules())
     for f in plan.folds:
         norm = modules[f.norm]
         gain = norm.weight.detach().clone() if (f.fold_gain and norm.weight is not None) else None
         shift = norm.bias.detach().clone() if (f.fold_shift and norm.bias is not None) else None
+        if not f.fold_gain:
+            continue
         for reader, layout in f.readers:
-            if f.fold_gain:
-                fold_affine_into_reader(modules[reader], layout, gain, shift, create_bias=f.fold_shift)
+            fold_affine_into_reader(modules[reader], layout, gain, shift, create_bias=f.fold_shift)
         with torch.no_grad():
             if gain is not None:
                 norm.weight.fill_(1.0)
             if shift is not None:
                 norm.bias.zero_()
+
+
+def center_writers(model: torch.nn.Module, plan: RmsPlan) -> None:
+    modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     for name, kind in plan.center:
         if kind == "param":
             center_writer(None, params[name])
         else:
             center_writer(modules[name])
+
+
+def replace_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
+    modules = dict(model.named_modules())
     for name, eps in plan.replace.items():
         old = modules[name]
-        weight = getattr(old, "weight", None)
-        bias = getattr(old, "bias", None)
-        size = plan.hidden_size
         if plan.target == "crmsnorm":
-            new: torch.nn.Module = CRMSNorm(size, eps)
+            new: torch.nn.Module = CRMSNorm(plan.hidden_size, eps)
         else:
-            new = RMSNorm(size, eps, weight=weight, bias=bias)
+            new = RMSNorm(plan.hidden_size, eps, weight=getattr(old, "weight", None), bias=getattr(old, "bias", None))
         _set_module(model, name, new)
-    if plan.target == "crmsnorm":
-        shrink_to_crms(model, plan)
 
 
-def shrink_to_crms(model: torch.nn.Module, plan: RmsPlan) -> None:
+def shrink_residual(model: torch.nn.Module, plan: RmsPlan) -> None:
     """Drop the redundant last residual coordinate: writers lose an output, readers an input."""
     modules = dict(model.named_modules())
     for name, kind in plan.center:
@@ -96,3 +102,25 @@ def shrink_to_crms(model: torch.nn.Module, plan: RmsPlan) -> None:
     for f in plan.folds:
         for reader, _ in f.readers:
             shrink_reader(modules[reader])
+
+
+# The registered step handlers recipes refer to, in the order a recipe normally lists them.
+STEPS = {
+    "untie_tied_readers": untie_output_embeddings,
+    "bake_embedding_norms": bake_embedding_norms,
+    "fold_norm_affine": fold_norm_affine,
+    "center_writers": center_writers,
+    "replace_norms": replace_norms,
+    "shrink_residual": shrink_residual,
+}
+DEFAULT_STEPS = {
+    "rmsnorm": ["untie_tied_readers", "bake_embedding_norms", "fold_norm_affine", "center_writers", "replace_norms"],
+    "crmsnorm": ["untie_tied_readers", "bake_embedding_norms", "fold_norm_affine", "center_writers", "replace_norms",
+                 "shrink_residual"],
+}
+
+
+def apply_rms_plan(model: torch.nn.Module, plan: RmsPlan, steps: list[str] | None = None) -> None:
+    """Rewrite ``model`` (float64) into Pre-RMSNorm / Pre-CRMSNorm form, in place, as the plan says."""
+    for step in steps or DEFAULT_STEPS[plan.target]:
+        STEPS[step](model, plan)

@@ -1,0 +1,1 @@
+"""Reading models (local folders, cached hub ids, factories) and writing checkpoints atomically."""

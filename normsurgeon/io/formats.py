@@ -1,0 +1,88 @@
+"""The ``normsurgeon`` section of a converted model's config.json, and rebuilding modules from it.
+
+A converted folder keeps the source's tensor names. Its config.json gains a section such as::
+
+    "normsurgeon": {"format": "pre-rmsnorm", "version": 1, "source_model_type": "gpt2",
+                    "source_architecture": "GPT2LMHeadModel", "stock_loadable": true,
+                    "rmsnorm": {"transformer.h.0.ln_1": 1e-05, ...}, "identity": [], "created_bias": [],
+                    "crms": null}
+
+Two kinds of output (README, "Loading converted models"):
+- stock-loadable (``stock_loadable: true``): the stock class loads it as is; its LayerNorms then see a
+  zero-mean residual and compute exactly what RMSNorm computes. ``normsurgeon.load`` swaps them for
+  ``normsurgeon.modules.RMSNorm``.
+- custom (baked embedding norms, created biases, Pre-CRMSNorm): ``model_type`` is renamed to
+  ``normsurgeon_<type>`` so stock transformers refuses it loudly instead of loading different weights;
+  ``normsurgeon.load`` rebuilds the structure. No remote code is involved in either case.
+
+>>> section_of({"model_type": "gpt2"}) is None
+True
+"""
+from __future__ import annotations
+
+import torch
+
+from normsurgeon.modules import CRMSNorm, RMSNorm
+
+CUSTOM_PREFIX = "normsurgeon_"
+
+
+def section_of(config: dict) -> dict | None:
+    sec = config.get("normsurgeon")
+    return sec if isinstance(sec, dict) else None
+
+
+def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give ``model`` (built from the source config) the converted structure described by ``section``.
+
+    ``shapes`` maps checkpoint tensor names to shapes (read from safetensors headers), so parameters get
+    the stored shapes before the state dict is loaded.
+    """
+    for name in section.get("identity", []):
+        _set_module(model, name, torch.nn.Identity())
+    crms = section.get("crms")
+    for name, eps in section.get("rmsnorm", {}).items():
+        old = model.get_submodule(name)
+        if crms:
+            new: torch.nn.Module = CRMSNorm(crms["full_size"], eps)
+        else:
+            size = old.normalized_shape[0]
+            w = torch.ones(size) if f"{name}.weight" in shapes else None
+            b = torch.zeros(size) if f"{name}.bias" in shapes else None
+            new = RMSNorm(size, eps, weight=w, bias=b)
+        _set_module(model, name, new)
+    for name in section.get("created_bias", []):
+        mod = model.get_submodule(name)
+        mod.bias = torch.nn.Parameter(torch.zeros(shapes[f"{name}.bias"]), requires_grad=False)
+    if crms:
+        _reshape_to_checkpoint(model, shapes, crms)
+
+
+def _reshape_to_checkpoint(model: torch.nn.Module, shapes: dict, crms: dict) -> None:
+    """Pre-CRMSNorm: give the residual writers and readers their d-1 shapes and fix width attributes."""
+    params = dict(model.named_parameters())
+    for key, shape in shapes.items():
+        p = params.get(key)
+        if p is None or tuple(p.shape) == tuple(shape):
+            continue
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        setattr(owner, attr, torch.nn.Parameter(torch.zeros(shape, dtype=p.dtype), requires_grad=False))
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            mod.out_features, mod.in_features = w.shape
+        elif isinstance(mod, torch.nn.Embedding):
+            mod.embedding_dim = w.shape[1]
+        elif isinstance(mod, torch.nn.modules.conv._ConvNd):
+            mod.out_channels = w.shape[0]
+        elif hasattr(mod, "nf") and w.dim() == 2:
+            mod.nx, mod.nf = w.shape

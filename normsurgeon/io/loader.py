@@ -1,0 +1,173 @@
+"""Load a model for surgery or comparison: Hugging Face folders, cached hub ids, factories, and
+normsurgeon's own converted folders.
+
+>>> lm = load_model("normsurgeon.testing:tiny_gpt2")
+>>> lm.kind, type(lm.model).__name__
+('factory', 'GPT2LMHeadModel')
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from normsurgeon.errors import InputError
+from normsurgeon.io.checkpoint import FolderInfo, check_folder
+from normsurgeon.io.formats import CUSTOM_PREFIX, rebuild_structure, section_of
+from normsurgeon.io.resolve import resolve
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run (eval mode) and where it came from."""
+
+    model: torch.nn.Module
+    ref: str
+    kind: str  # "folder" | "factory"
+    path: Path | None
+    config: dict
+    dtype: torch.dtype
+    converted: dict | None  # the normsurgeon section when the folder is a normsurgeon output
+
+
+def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+               revision: str | None = None, stock: bool = False) -> LoadedModel:
+    """Load ``ref`` in eval mode with its stored dtype.
+
+    ``stock=True`` loads a normsurgeon output with the plain Hugging Face class (no module swaps), which
+    is how a user without normsurgeon would see it.
+    """
+    r = resolve(ref, revision)
+    if r.kind == "factory":
+        return _load_factory(r.ref)
+    info = check_folder(r.path, allow_pickle=allow_pickle)
+    section = section_of(info.config)
+    if section is not None and not section.get("stock_loadable", False) and not stock:
+        model = _load_custom(info, section)
+    else:
+        model = _load_hf(info, trust_remote_code, allow_pickle)
+        if section is not None and not stock:
+            _swap_norms(model, section)
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    return LoadedModel(model, ref, "folder", r.path, info.config, dtype, section)
+
+
+def _load_factory(ref: str) -> LoadedModel:
+    module_name, _, attr = ref.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(f"cannot import {module_name!r} for factory {ref!r}: {e}") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise InputError(f"{module_name!r} has no attribute {attr!r}")
+    model = factory() if callable(factory) else factory
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
+    model.eval()
+    cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    return LoadedModel(model, ref, "factory", None, cfg, next(model.parameters()).dtype, None)
+
+
+def _model_class(config: dict, trust_remote_code: bool):
+    import transformers
+
+    archs = config.get("architectures") or []
+    for arch in archs:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            raise InputError(f"the model's class ({', '.join(archs) or 'auto_map'}) is remote code; pass "
+                             "--trust-remote-code if you trust its source")
+        return None
+    if config.get("model_type", "").startswith(CUSTOM_PREFIX):
+        raise InputError("this is a normsurgeon output with a custom structure: load it with normsurgeon")
+    return transformers.AutoModel
+
+
+def _load_hf(info: FolderInfo, trust_remote_code: bool, allow_pickle: bool) -> torch.nn.Module:
+    import transformers
+
+    cls = _model_class(info.config, trust_remote_code)
+    kwargs = dict(dtype="auto", output_loading_info=True, local_files_only=True)
+    if cls is None:
+        cls = transformers.AutoModel
+        kwargs["trust_remote_code"] = True
+    if info.weights_format == "pickle":
+        kwargs["use_safetensors"] = False
+        kwargs["weights_only"] = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, report = cls.from_pretrained(str(info.path), **kwargs)
+    except InputError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load {info.path}: config and weights disagree or are unreadable ({first})") from None
+    problems = []
+    for key in ("missing_keys", "mismatched_keys"):
+        items = report.get(key) or []
+        if items:
+            problems.append(f"{len(items)} {key.replace('_', ' ')} (e.g. {sorted(map(str, items))[0]})")
+    if problems:
+        raise InputError(f"config and weights in {info.path} disagree: " + "; ".join(problems))
+    return model
+
+
+def _load_custom(info: FolderInfo, section: dict) -> torch.nn.Module:
+    """Rebuild a normsurgeon output whose structure the stock class cannot hold."""
+    import transformers
+    from safetensors import safe_open
+
+    cfg = dict(info.config)
+    cfg["model_type"] = section["source_model_type"]
+    cfg.pop("normsurgeon", None)
+    cls = getattr(transformers, section["source_architecture"], None)
+    if cls is None:
+        raise InputError(f"transformers has no class {section['source_architecture']!r}")
+    config = transformers.AutoConfig.for_model(**cfg)
+    state: dict[str, torch.Tensor] = {}
+    for f in info.weight_files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                state[k] = sf.get_tensor(k)
+    model = cls(config)
+    rebuild_structure(model, section, {k: tuple(v.shape) for k, v in state.items()})
+    dtype = next(iter(state.values())).dtype
+    model.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    buffers = {n for n, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in buffers]
+    if missing or unexpected:
+        raise InputError(f"converted checkpoint {info.path} does not match its recorded structure "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    return model
+
+
+def _swap_norms(model: torch.nn.Module, section: dict) -> None:
+    """Replace the stock LayerNorms named in the section by RMSNorm modules with the same parameters."""
+    from normsurgeon.modules import RMSNorm
+
+    for name, eps in section.get("rmsnorm", {}).items():
+        old = model.get_submodule(name)
+        new = RMSNorm(old.normalized_shape[0], eps, weight=getattr(old, "weight", None),
+                      bias=getattr(old, "bias", None))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,128 @@
+"""Write output folders atomically: a staging folder beside the destination, renamed into place only
+when everything in it is complete.
+
+>>> import tempfile, pathlib, torch
+>>> out = pathlib.Path(tempfile.mkdtemp()) / "out"
+>>> with staging_folder(out, overwrite=False) as tmp:
+...     files = write_safetensors({"w": torch.zeros(2)}, tmp, max_shard_bytes=10**9)
+>>> sorted(p.name for p in out.iterdir())
+['model.safetensors']
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from normsurgeon.errors import UsageError
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+               "equivalence_report.json", "equivalence_report.md", "normsurgeon_recipe.yaml"}
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty staging folder; on success move it to ``out``, on failure delete it."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000; '500MiB' -> 524_288_000; ints pass through.
+
+    >>> parse_size("2GB"), parse_size("1KiB"), parse_size(7)
+    (2000000000, 1024, 7)
+    """
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise UsageError(f"cannot read size {text!r} (use e.g. 5GB, 500MB, 2GiB)") from None
+
+
+def unique_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage; clone the second and later aliases."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        out[k] = v.clone() if key in seen else v.contiguous()
+        seen.setdefault(key, k)
+    return out
+
+
+def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int,
+                      metadata: dict[str, str] | None = None) -> list[str]:
+    """Write ``state`` as one file, or as byte-limited shards plus ``model.safetensors.index.json``."""
+    state = unique_storage({k: v.detach().cpu() for k, v in state.items()})
+    meta = {"format": "pt", **(metadata or {})}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=meta)
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def copy_tagalong_files(src: Path | None, dst: Path) -> list[str]:
+    """Copy tokenizer, generation and other non-weight files from the source folder."""
+    if src is None or not src.is_dir():
+        return []
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and p.name not in _NOT_COPIED \
+                and not p.name.startswith("."):
+            shutil.copy2(p, dst / p.name)
+            copied.append(p.name)
+    return copied

@@ -1,0 +1,87 @@
+"""Run a source and a converted model on the same inputs and measure how far apart they are.
+
+The residual stream is compared at every converted norm's input (the source's is centred first), which
+locates a bad fold to the block where it happens.
+
+>>> import copy, torch
+>>> from normsurgeon.testing import tiny_gpt2
+>>> a = tiny_gpt2(); b = copy.deepcopy(a)
+>>> r = compare_models(a, b, [{"input_ids": torch.arange(8)[None]}], torch.float64, [])
+>>> r["metrics"]["max_abs_logprob"]
+0.0
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from normsurgeon.verify.metrics import output_metrics, residual_error
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    for attr in ("logits", "last_hidden_state"):
+        t = getattr(out, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
+
+
+def _capture(model: torch.nn.Module, points: list[str], store: dict[str, torch.Tensor]) -> list:
+    hooks = []
+    for name in points:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+
+        def hook(m, args, name=name):
+            store[name] = args[0].detach()
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    return hooks
+
+
+def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches: list[dict],
+                   compute_dtype: torch.dtype, residual_points: list[str], margin: float = 0.0) -> dict:
+    """Both models are cast to ``compute_dtype`` in place and run in eval mode without cache."""
+    source.to(compute_dtype).eval()
+    converted.to(compute_dtype).eval()
+    agg: dict[str, float] = {}
+    per_point: dict[str, dict] = {}
+    positions = 0
+    for batch in batches:
+        batch = {k: (v.to(compute_dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+        extra = {"use_cache": False} if "input_ids" in batch else {}
+        s_store: dict[str, torch.Tensor] = {}
+        c_store: dict[str, torch.Tensor] = {}
+        hooks = _capture(source, residual_points, s_store) + _capture(converted, residual_points, c_store)
+        try:
+            with torch.no_grad():
+                s_out = _output_tensor(source(**batch, **extra))
+                c_out = _output_tensor(converted(**batch, **extra))
+        finally:
+            for h in hooks:
+                h.remove()
+        m = output_metrics(s_out, c_out, margin)
+        n = m.pop("positions")
+        for k, v in m.items():
+            if k.startswith("top1") or k == "mean_kl":
+                agg[k] = agg.get(k, 0.0) + v * n
+            else:
+                agg[k] = max(agg.get(k, 0.0), v)
+        positions += n
+        for name in residual_points:
+            if name in s_store and name in c_store:
+                e = residual_error(s_store[name], c_store[name])
+                prev = per_point.get(name)
+                if prev is None or e["resid_rel_l2"] > prev["resid_rel_l2"]:
+                    per_point[name] = e
+    for k in ("top1_agreement", "top1_agreement_all", "mean_kl"):
+        agg[k] = agg[k] / max(positions, 1)
+    per_layer = [{"point": name, **per_point[name]} for name in residual_points if name in per_point]
+    return {"metrics": agg, "per_layer": per_layer, "positions": positions}
