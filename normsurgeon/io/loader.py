@@ -100,6 +100,8 @@ def _model_class(config: dict, trust_remote_code: bool):
 def _load_hf(info: FolderInfo, trust_remote_code: bool, allow_pickle: bool) -> torch.nn.Module:
     import transformers
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     cls = _model_class(info.config, trust_remote_code)
     kwargs = dict(dtype="auto", output_loading_info=True, local_files_only=True)
     if cls is None:
@@ -118,7 +120,10 @@ def _load_hf(info: FolderInfo, trust_remote_code: bool, allow_pickle: bool) -> t
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load {info.path}: config and weights disagree or are unreadable ({first})") from None
     problems = []
-    for key in ("missing_keys", "mismatched_keys"):
+    keys = ("missing_keys", "mismatched_keys")
+    if section_of(info.config) is not None:  # our own outputs: a dropped tensor is a different function
+        keys += ("unexpected_keys",)
+    for key in keys:
         items = report.get(key) or []
         if items:
             problems.append(f"{len(items)} {key.replace('_', ' ')} (e.g. {sorted(map(str, items))[0]})")

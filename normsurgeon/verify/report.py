@@ -3,7 +3,7 @@ terminal renderings.
 
 >>> r = {"status": "pass", "metrics": {"max_abs_logprob": {"value": 1e-7, "threshold": 1e-4, "ok": True}},
 ...      "per_layer": [], "source": {"ref": "a"}, "output": {"path": "b", "dtype": "float32"}}
->>> "max |Δ log-prob|" in to_markdown(r)
+>>> "log-prob" in to_markdown(r)
 True
 """
 from __future__ import annotations
@@ -48,12 +48,17 @@ def to_markdown(report: dict) -> str:
     lines += ["", "| metric | value | threshold | ok |", "|---|---|---|---|"]
     for name, m in report.get("metrics", {}).items():
         ok = {True: "✓", False: "✗", None: "info"}[m.get("ok")]
-        lines.append(f"| {_LABELS.get(name, name)} | {_fmt(m['value'])} | {_fmt(m.get('threshold'))} | {ok} |")
+        label = _LABELS.get(name, name).replace("|", "\\|")
+        lines.append(f"| {label} | {_fmt(m['value'])} | {_fmt(m.get('threshold'))} | {ok} |")
     if report.get("per_layer"):
         lines += ["", "Residual stream at each norm input (source centred first):", "",
                   "| point | relative L2 error | cosine |", "|---|---|---|"]
         for p in report["per_layer"]:
             lines.append(f"| `{p['point']}` | {_fmt(p['resid_rel_l2'])} | {p['resid_cosine']:.12f} |")
+    if report.get("stock_load"):
+        st = report["stock_load"]
+        lines.append(f"\nLoaded with stock `{st['loaded_as']}` (no normsurgeon): {st['status'].upper()}, "
+                     f"max abs Δ log-prob {_fmt(st['metrics']['max_abs_logprob']['value'])}")
     if report.get("inventory"):
         inv = report["inventory"]
         lines += ["", "Tensors: " + ", ".join(f"{k} {v if isinstance(v, int) else len(v)}" for k, v in inv.items())]
@@ -76,6 +81,11 @@ def print_report(report: dict, console) -> None:
     for name, m in report.get("metrics", {}).items():
         ok = {True: "[green]✓[/]", False: "[red]✗[/]", None: "info"}[m.get("ok")]
         table.add_row(_LABELS.get(name, name), _fmt(m["value"]), _fmt(m.get("threshold")), ok)
+    stock = report.get("stock_load")
+    if stock:
+        ok = "[green]✓[/]" if stock["status"] == "pass" else "[red]✗[/]"
+        value = stock["metrics"]["max_abs_logprob"]["value"]
+        table.add_row(f"stock {stock['loaded_as']} load, max |Δ log-prob|", _fmt(value), "same", ok)
     worst = max(report.get("per_layer", []), key=lambda p: p["resid_rel_l2"], default=None)
     if worst:
         table.add_row("worst residual point", f"{worst['point']} {_fmt(worst['resid_rel_l2'])}", "—", "info")

@@ -1,0 +1,245 @@
+"""The ``normsurgeon`` command line: a thin layer over the library functions.
+
+Each command calls one typed library function, prints a human rendering (or ``--json``), and turns
+``NormSurgeonError`` subclasses into a one-line message and a documented exit code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from normsurgeon import __version__
+from normsurgeon.errors import EXIT_CODES, NormSurgeonError
+
+_EPILOG = "Exit codes: " + "; ".join(f"{k} {v.split(':')[0]}" for k, v in EXIT_CODES.items()) + "."
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Surgery on the normalization layers of PyTorch and Hugging Face models.\n\n"
+                       "MODEL is a local Hugging Face folder, a hub id already in the local cache "
+                       "(offline), or a factory `package.module:function` returning a torch module.",
+                  epilog=_EPILOG)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def _run(fn: Callable[[], int | None]) -> None:
+    """Call ``fn``; map errors to one line on stderr and the documented exit code."""
+    try:
+        code = fn() or 0
+    except NormSurgeonError as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        err_console.print(f"[bold red]error:[/] {lines[0]}", highlight=False, markup=True, soft_wrap=True)
+        if len(lines) > 1:
+            err_console.print("\n".join(lines[1:]), highlight=False, markup=False)
+        if os.environ.get("NORMSURGEON_DEBUG"):
+            raise
+        raise typer.Exit(e.exit_code) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, exit 1
+        if os.environ.get("NORMSURGEON_DEBUG"):
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          " (set NORMSURGEON_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def _status(enabled: bool):
+    def say(msg: str) -> None:
+        if enabled:
+            err_console.print(f"[dim]· {msg}[/]", highlight=False)
+    return say
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"normsurgeon {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+ModelArg = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub id, or package.module:factory.")
+AllowPickle = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (loaded with weights_only=True).")
+TrustRemote = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from its folder.")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
+
+
+@app.command(epilog=_EPILOG)
+def inspect(model: str = ModelArg, json_out: bool = JsonOpt, allow_pickle: bool = AllowPickle,
+            trust_remote_code: bool = TrustRemote) -> None:
+    """Show every norm, its role, readers and writers, each block's placement, and which recipes apply.
+
+    Roles: pre (reads the residual before a block), final (reads it before the heads), post (the norm's
+    output is the residual: Post-LN), output (normalizes a sublayer output: Peri-LN), embedding, inner
+    (QK-norms and other norms off the residual stream, never touched).
+    """
+    def go() -> None:
+        from normsurgeon.inspect import inspect_model
+
+        info = inspect_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        if json_out:
+            print(json.dumps(info, indent=2, default=str))
+            return
+        _print_inspect(info)
+    _run(go)
+
+
+def _print_inspect(info: dict) -> None:
+    out_console.print(f"[bold]{info['architecture']}[/] ({info['dtype']}), hidden size {info['hidden_size']}, "
+                      f"placement: [bold]{info['placement']}[/]")
+    t = Table(title="norms")
+    for col in ("norm", "class", "role", "eps", "readers"):
+        t.add_column(col, overflow="fold")
+    for n in info["norms"]:
+        readers = ", ".join(r.rsplit(".", 1)[-1] for r in n["readers"]) or "—"
+        t.add_row(n["name"], n["class"], n["role"], str(n["eps"]), readers)
+    out_console.print(t)
+    writers = ", ".join(f"{w['name']} ({w['kind']})" for w in info["writers"])
+    out_console.print(f"[bold]residual writers[/] ({len(info['writers'])}): {writers}", highlight=False)
+    placements: dict[str, int] = {}
+    for b in info["blocks"]:
+        placements[b["placement"]] = placements.get(b["placement"], 0) + 1
+    out_console.print("[bold]blocks[/]: " + ", ".join(f"{k} x{v}" for k, v in placements.items()))
+    for target, r in info["recipes"].items():
+        if r["applies"]:
+            out_console.print(f"[green]✓[/] convert --to {target}: exact")
+        else:
+            out_console.print(f"[red]✗[/] convert --to {target}: " + "; ".join(r["why_not"]), highlight=False)
+
+
+@app.command(epilog=_EPILOG)
+def convert(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (must not exist unless --overwrite)."),
+    to: str = typer.Option("rmsnorm", "--to", help="rmsnorm (Pre-RMSNorm) or crmsnorm (Pre-CRMSNorm, width d-1)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe file or built-in name (overrides --to)."),
+    dtype: str = typer.Option("source", "--dtype", help="Output dtype: source, float32, float64, bfloat16, float16."),
+    bias_policy: Optional[str] = typer.Option(None, "--bias-policy",
+                                              help="stock: keep shifts the stock class cannot hold on the norm "
+                                                   "(loads in stock transformers); fold-all: create biases."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip verification of the written checkpoint."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Verify on this text file instead of built-in batches."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 2GB."),
+    json_out: bool = JsonOpt,
+    allow_pickle: bool = AllowPickle,
+    trust_remote_code: bool = TrustRemote,
+) -> None:
+    """Convert a Pre-LN model to Pre-RMSNorm or Pre-CRMSNorm exactly, write it, and verify it.
+
+    The residual writers are centred, each LayerNorm's gain and shift move into the layers that read it,
+    and the norms become RMSNorm with the same epsilon (Jiang et al. 2023). Math in float64, cast once.
+    Post-LN and other structures that cannot be converted exactly are refused (exit 4), nothing written.
+
+    Example: normsurgeon convert examples/tiny-gpt2 --to rmsnorm -o out/tiny-gpt2-rms
+    """
+    if to not in ("rmsnorm", "crmsnorm"):
+        err_console.print(f"[bold red]error:[/] --to must be rmsnorm or crmsnorm, not {to!r}")
+        raise typer.Exit(2)
+    if bias_policy not in (None, "stock", "fold-all"):
+        err_console.print(f"[bold red]error:[/] --bias-policy must be stock or fold-all, not {bias_policy!r}")
+        raise typer.Exit(2)
+
+    def go() -> int:
+        from normsurgeon.convert import convert as do_convert
+        from normsurgeon.verify.report import print_report
+
+        report = do_convert(model, out, to=to, recipe=recipe, dtype=dtype, bias_policy=bias_policy,
+                            overwrite=overwrite, run_verify=not no_verify, text_file=text,
+                            max_shard_size=max_shard_size, allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code, status=_status(not json_out))
+        if json_out:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print_report(report, out_console)
+            for note in report["plan"]["notes"]:
+                out_console.print(f"note: {note}", highlight=False)
+            for norm, why in report["plan"]["kept_on_norm"].items():
+                out_console.print(f"note: {norm} keeps its affine: {why}", highlight=False)
+            load = "stock transformers or normsurgeon.load" if report["stock_loadable"] else "normsurgeon.load only"
+            out_console.print(f"wrote {out} ({report['output']['format']}, {report['output']['dtype']}; "
+                              f"loads with {load}); report: {out / 'equivalence_report.md'}", highlight=False)
+        return 0
+    _run(go)
+
+
+@app.command(epilog=_EPILOG)
+def verify(
+    source: str = typer.Argument(..., help="The source model (as for MODEL)."),
+    converted: str = typer.Argument(..., help="The converted folder."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Compare on this text file."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Compare on the images in this folder (vision models)."),
+    stock: bool = typer.Option(False, "--stock", help="Load the converted folder with the plain Hugging Face class."),
+    num: int = typer.Option(4, "--num", help="Number of sequences/images in the built-in batch."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Sequence length of the built-in batch."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the built-in batch."),
+    json_out: bool = JsonOpt,
+    allow_pickle: bool = AllowPickle,
+    trust_remote_code: bool = TrustRemote,
+) -> None:
+    """Check that CONVERTED computes the same function as SOURCE (exit 3 if not).
+
+    Compares log-probabilities (shift-invariant), KL, top-1 agreement and, for information, raw logits,
+    plus the residual stream at each converted norm's input to locate a bad fold. Thresholds depend on
+    the converted checkpoint's dtype: float64 1e-10, float32 1e-4, float16 3e-2, bfloat16 1.5e-1.
+    """
+    def go() -> int:
+        from normsurgeon.verify.api import verify as do_verify
+        from normsurgeon.verify.report import print_report
+
+        report = do_verify(source, converted, stock=stock, num=num, seq_len=seq_len, seed=seed, text_file=text,
+                           image_dir=images, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        if json_out:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print_report(report, out_console)
+        return 0 if report["status"] == "pass" else 3
+    _run(go)
+
+
+@app.command("recipes", epilog=_EPILOG)
+def recipes_cmd(json_out: bool = JsonOpt) -> None:
+    """List the built-in recipes."""
+    def go() -> None:
+        from normsurgeon.recipes import builtin_recipes, load_recipe
+
+        rows = [load_recipe(name).model_dump() for name in builtin_recipes()]
+        if json_out:
+            print(json.dumps(rows, indent=2))
+            return
+        for r in rows:
+            out_console.print(f"[bold]{r['name']}[/] ({r['target']}): {r['description'].strip()}", highlight=False)
+    _run(go)
+
+
+def _register_plugins() -> None:
+    """Commands that live in their own modules register themselves here (absent modules are skipped)."""
+    import importlib
+
+    for mod in ("normsurgeon.cli_batchnorm",):
+        try:
+            importlib.import_module(mod).register(app)
+        except ModuleNotFoundError:
+            continue
+
+
+def main() -> None:
+    _register_plugins()
+    app(prog_name="normsurgeon")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
