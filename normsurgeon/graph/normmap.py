@@ -388,6 +388,8 @@ def _block_placements(blocks, norms, writers) -> list[BlockInfo]:
         if not bnorms and not bwriters:
             continue
         roles = sorted({n.role for n in bnorms})
+        if "final" in roles and len(roles) > 1:  # Post-LN's last norm doubles as the final norm
+            roles.remove("final")
         pre_inputs = {n.input_node for n in bnorms if n.role == "pre"}
         if not bnorms:
             placement = "none"
