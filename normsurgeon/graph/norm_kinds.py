@@ -33,6 +33,8 @@ class NormKind:
     has_weight: bool
     has_bias: bool
     class_name: str
+    weight_attr: str = "weight"  # attribute names of the gain and shift parameters
+    bias_attr: str = "bias"
 
     @property
     def is_token_norm(self) -> bool:
@@ -74,17 +76,43 @@ def classify_norm(module: torch.nn.Module) -> NormKind | None:
     if next(iter(module.children()), None) is not None:
         return None
     params = _own_1d_params(module)
-    if not params or "norm" not in name.lower() and set(params) - {"weight", "bias"}:
+    sizes = {p.numel() for p in params.values()}
+    if not params or len(params) > 2 or len(sizes) != 1 or len(params) != len(dict(module.named_parameters())):
         return None
     return _probe(module, params)
 
 
 def _probe(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> NormKind | None:
-    """Compare the module's output on a random input with each candidate formula."""
-    weight = params.get("weight", params.get("scale", params.get("gamma")))
-    bias = params.get("bias", params.get("beta"))
-    if weight is None:
-        return None
+    """Compare the module's output on a random input with each candidate formula.
+
+    The gain/shift roles of the (at most two) 1-D parameters are tried both ways unless they are
+    called ``weight`` and ``bias``.
+    """
+    names = list(params)
+    if set(names) == {"weight", "bias"}:
+        orders = [("weight", "bias")]
+    elif len(names) == 2:
+        orders = [(names[0], names[1]), (names[1], names[0])]
+    else:
+        orders = [(names[0], None)]
+    for w_name, b_name in orders:
+        kind = _probe_roles(module, params[w_name], params[b_name] if b_name else None)
+        if kind is not None:
+            w_attr = _attr_for(module, params[w_name], w_name)
+            b_attr = _attr_for(module, params[b_name], b_name) if b_name else "bias"
+            return dataclasses.replace(kind, weight_attr=w_attr, bias_attr=b_attr)
+    return None
+
+
+def _attr_for(module: torch.nn.Module, param: torch.Tensor, default: str) -> str:
+    """Prefer the conventional attribute name when it aliases the same parameter."""
+    for conventional in ("weight", "bias"):
+        if getattr(module, conventional, None) is param:
+            return conventional
+    return default
+
+
+def _probe_roles(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> NormKind | None:
     d = weight.numel()
     eps = _eps_of(module)
     probe = copy.deepcopy(module).to(torch.float64)
@@ -104,7 +132,7 @@ def _probe(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> NormKind
     ln = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + e) * w + b
     rms_unit = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + e)
     candidates = [
-        ("layernorm", ln, True),
+        ("layernorm", ln, bias is not None),
         ("rmsnorm", rms_unit * w + b, bias is not None),
         ("rmsnorm_offset", rms_unit * (1.0 + w) + b, bias is not None),
     ]

@@ -74,6 +74,7 @@ class NormInfo:
     problems: list[str]  # why this norm's affine cannot be folded, if any
     reads_output: bool = False  # its (transparent) output is a model output
     input_node: int = -1
+    summed_with: list[str] = dataclasses.field(default_factory=list)  # terms its output is added to
 
 
 @dataclasses.dataclass
@@ -326,8 +327,10 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                     problems.append(f"its reader `{r.name}` ({type(graph.modules[r.name]).__name__}) is not a linear layer")
                 elif r.in_features != kind.size:
                     problems.append(f"its reader `{r.name}` reads {r.in_features} features, not {kind.size}")
+        partners = sorted({graph.nodes[a].target for t in terms if t is not None and node.idx in t
+                           for a in t if a != node.idx})
         norms.append(NormInfo(name, kind, role, _block_of(name, blocks), len(calls), readers, stream_writers,
-                              problems, reads_output, in_idx))
+                              problems, reads_output, in_idx, partners))
 
     writers = []
     for name, wn in sorted(writer_nodes.items(), key=lambda kv: kv[1].idx):
@@ -361,7 +364,7 @@ def _stream_problems(graph, terms, stream_atoms, is_stream, kinds) -> list[str]:
             continue
         for u in graph.users.get(n.idx, []):
             user = graph.nodes[u]
-            if is_stream(u):
+            if user.kind == "op" and is_stream(u):  # a further sum or view of the stream
                 continue
             if user.kind == "module" and user.target in kinds and kinds[user.target].is_token_norm:
                 continue
@@ -382,9 +385,15 @@ def _hidden_size(norms: list[NormInfo]) -> int | None:
 
 def _block_placements(blocks, norms, writers) -> list[BlockInfo]:
     out = []
+    if not blocks:  # no ModuleList: treat the model as one block (without its embedding and final norms)
+        blocks = [""]
     for b in blocks:
-        bnorms = [n for n in norms if n.block == b and n.role != "inner"]
-        bwriters = [w.name for w in writers if _block_of(w.name, [b]) == b]
+        if b:
+            bnorms = [n for n in norms if n.block == b and n.role != "inner"]
+            bwriters = [w.name for w in writers if _block_of(w.name, [b]) == b]
+        else:
+            bnorms = [n for n in norms if n.role not in ("inner", "final", "embedding")]
+            bwriters = [w.name for w in writers if w.kind not in ("embedding", "param")]
         if not bnorms and not bwriters:
             continue
         roles = sorted({n.role for n in bnorms})

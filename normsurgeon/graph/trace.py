@@ -149,10 +149,10 @@ def trace_dataflow(model: torch.nn.Module, args: tuple = (), kwargs: dict | None
     """Run ``model(*args, **kwargs)`` once and return its recorded dataflow graph.
 
     >>> import torch
-    >>> m = torch.nn.Linear(3, 3)
+    >>> m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     >>> g = trace_dataflow(m, (torch.randn(1, 3),))
-    >>> g.nodes[g.outputs[0]].target
-    ''
+    >>> [(n.kind, n.target) for n in g.nodes]
+    [('input', 'arg0'), ('module', '0'), ('op', 'relu')]
     """
     kwargs = kwargs or {}
     names = {name: mod for name, mod in model.named_modules()}

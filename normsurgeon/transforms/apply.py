@@ -56,17 +56,19 @@ def fold_norm_affine(model: torch.nn.Module, plan: RmsPlan) -> None:
     modules = dict(model.named_modules())
     for f in plan.folds:
         norm = modules[f.norm]
-        gain = norm.weight.detach().clone() if (f.fold_gain and norm.weight is not None) else None
-        shift = norm.bias.detach().clone() if (f.fold_shift and norm.bias is not None) else None
+        weight = getattr(norm, f.weight_attr, None)
+        bias = getattr(norm, f.bias_attr, None)
+        gain = weight.detach().clone() if (f.fold_gain and weight is not None) else None
+        shift = bias.detach().clone() if (f.fold_shift and bias is not None) else None
         if not f.fold_gain:
             continue
         for reader, layout in f.readers:
             fold_affine_into_reader(modules[reader], layout, gain, shift, create_bias=f.fold_shift)
         with torch.no_grad():
             if gain is not None:
-                norm.weight.fill_(1.0)
+                weight.fill_(1.0)
             if shift is not None:
-                norm.bias.zero_()
+                bias.zero_()
 
 
 def center_writers(model: torch.nn.Module, plan: RmsPlan) -> None:
@@ -81,12 +83,14 @@ def center_writers(model: torch.nn.Module, plan: RmsPlan) -> None:
 
 def replace_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
     modules = dict(model.named_modules())
+    attrs = {f.norm: (f.weight_attr, f.bias_attr) for f in plan.folds}
     for name, eps in plan.replace.items():
         old = modules[name]
+        w_attr, b_attr = attrs.get(name, ("weight", "bias"))
         if plan.target == "crmsnorm":
             new: torch.nn.Module = CRMSNorm(plan.hidden_size, eps)
         else:
-            new = RMSNorm(plan.hidden_size, eps, weight=getattr(old, "weight", None), bias=getattr(old, "bias", None))
+            new = RMSNorm(plan.hidden_size, eps, weight=getattr(old, w_attr, None), bias=getattr(old, b_attr, None))
         _set_module(model, name, new)
 
 

@@ -30,6 +30,8 @@ class Fold:
     fold_gain: bool
     fold_shift: bool
     reason: str = ""  # why the shift stays on the norm, if it does
+    weight_attr: str = "weight"
+    bias_attr: str = "bias"
 
 
 @dataclasses.dataclass
@@ -76,8 +78,12 @@ def refusal_reasons(nm: NormMap, target: str) -> list[str]:
         if n.kind.eps is None:
             reasons.append(f"`{n.name}` ({n.kind.class_name}) has no readable epsilon")
         if n.role == "post":
+            with_ = ", ".join(f"`{w}`" for w in n.summed_with[:3])
             reasons.append(f"Post-LN: `{n.name}` normalizes the residual stream itself (its output is the "
-                           "stream), so its centering cannot be moved into the weights")
+                           f"stream, added to {with_ or 'later terms'}), so its centering cannot be moved into "
+                           "the weights" + (" (or positions are added after the norm)"
+                                            if n.summed_with and all(w in nm.embedding_tables for w in n.summed_with)
+                                            else ""))
         elif n.role == "output":
             reasons.append(f"`{n.name}` normalizes a sublayer output before it is added to the residual "
                            "(Peri-LN/sandwich): its centering cannot be moved into the weights")
@@ -148,13 +154,14 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
             tied_to = writer_params.get(id(modules[r].weight))
             if tied_to is not None:
                 untie.append((r, tied_to))
-        shift = modules[n.name].bias if n.kind.has_bias else None
+        shift = getattr(modules[n.name], n.kind.bias_attr, None) if n.kind.has_bias else None
+        attrs = {"weight_attr": n.kind.weight_attr, "bias_attr": n.kind.bias_attr}
         has_shift = shift is not None and bool(torch.any(shift != 0))
         gain_ok = bool(readers) and not n.reads_output
         if not gain_ok:
             kept_gain.append(n.name)
             kept_shift.append(n.name) if has_shift else None
-            folds.append(Fold(n.name, readers, False, False, "its output is a model output"))
+            folds.append(Fold(n.name, readers, False, False, "its output is a model output", **attrs))
             continue
         missing = [r.name for r in n.readers if not r.has_bias]
         if has_shift and missing and policy == "stock":
@@ -163,11 +170,11 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
             # A shift kept on the norm sits after the gain, so the gain must stay there too.
             reason = (f"{', '.join(f'`{m}`' for m in missing)} has no bias in the stock class; gain and shift "
                       "stay on the RMSNorm (use --bias-policy fold-all to create the biases)")
-            folds.append(Fold(n.name, readers, False, False, reason))
+            folds.append(Fold(n.name, readers, False, False, reason, **attrs))
             continue
         if has_shift:
             created.extend(missing)
-        folds.append(Fold(n.name, readers, True, has_shift))
+        folds.append(Fold(n.name, readers, True, has_shift, **attrs))
     replace = {n.name: float(n.kind.eps) for n in nm.by_role("pre", "final")}
     if untie:
         extra = sum(modules[r].weight.numel() for r, _ in untie)
