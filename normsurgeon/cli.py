@@ -229,11 +229,15 @@ def _register_plugins() -> None:
     """Commands that live in their own modules register themselves here (absent modules are skipped)."""
     import importlib
 
-    for mod in ("normsurgeon.cli_batchnorm",):
+    for mod in ("normsurgeon.cli_batchnorm", "normsurgeon.cli_lnremoval", "normsurgeon.cli_placement",
+                "normsurgeon.cli_streaming"):
         try:
-            importlib.import_module(mod).register(app)
-        except ModuleNotFoundError:
-            continue
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:  # that command is not part of this build
+                continue
+            raise
+        module.register(app)
 
 
 def main() -> None:
