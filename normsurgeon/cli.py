@@ -240,8 +240,10 @@ def _register_plugins() -> None:
         module.register(app)
 
 
+_register_plugins()  # at the bottom: plugins may import helpers (_run, options) from this module
+
+
 def main() -> None:
-    _register_plugins()
     app(prog_name="normsurgeon")
 
 
