@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from normsurgeon.io.loader import LoadedModel, load_model
 from normsurgeon.verify.inputs import default_batches
 from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, judge
 from normsurgeon.verify.report import SCHEMA, status_of
-from normsurgeon.verify.runner import compare_models
+from normsurgeon.verify.runner import compare_models, logprob_gap
 
 
 def compute_dtype_for(stored: torch.dtype) -> torch.dtype:
@@ -27,7 +28,7 @@ def compute_dtype_for(stored: torch.dtype) -> torch.dtype:
 
 
 def verify_loaded(src: LoadedModel, conv: LoadedModel, *, num: int = 4, seq_len: int = 64, seed: int = 0,
-                  text_file: Path | None = None, image_dir: Path | None = None) -> dict:
+                  text_file: Path | None = None, image_dir: Path | None = None, roundoff: bool = True) -> dict:
     """Compare two loaded models (both are cast in place to the compute dtype)."""
     t0 = time.perf_counter()
     stored = dtype_name(conv.dtype)
@@ -36,7 +37,11 @@ def verify_loaded(src: LoadedModel, conv: LoadedModel, *, num: int = 4, seq_len:
                               image_dir=image_dir)
     points = list((conv.converted or {}).get("rmsnorm", {}))
     margin = 2 * THRESHOLDS.get(stored, THRESHOLDS["float32"])["max_abs_logprob"]
+    truth = copy.deepcopy(src.model).to(torch.float64) if compute != torch.float64 and roundoff else None
     result = compare_models(src.model, conv.model, batches, compute, points, margin)
+    if truth is not None:
+        # For scale: how far the source itself is from its own float64 evaluation on these inputs.
+        result["metrics"]["source_roundoff_logprob"] = logprob_gap(truth, src.model, batches)
     metrics = judge(result["metrics"], stored)
     worst = max(result["per_layer"], key=lambda p: p["resid_rel_l2"], default=None)
     return {

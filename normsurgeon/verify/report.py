@@ -19,6 +19,7 @@ _LABELS = {
     "top1_agreement": "top-1 agreement (decided positions)",
     "top1_agreement_all": "top-1 agreement (all positions)",
     "max_abs_logit": "max |Δ logit| (information)",
+    "source_roundoff_logprob": "source's own round-off: max |Δ log-prob| vs float64",
 }
 
 

@@ -85,3 +85,18 @@ def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches:
         agg[k] = agg[k] / max(positions, 1)
     per_layer = [{"point": name, **per_point[name]} for name in residual_points if name in per_point]
     return {"metrics": agg, "per_layer": per_layer, "positions": positions}
+
+
+def logprob_gap(a: torch.nn.Module, b: torch.nn.Module, batches: list[dict]) -> float:
+    """max |log-prob(a) - log-prob(b)|, each model run in its own dtype."""
+    gap = 0.0
+    for batch in batches:
+        outs = []
+        for m in (a, b):
+            dt = next(m.parameters()).dtype
+            x = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in batch.items()}
+            extra = {"use_cache": False} if "input_ids" in x else {}
+            with torch.no_grad():
+                outs.append(_output_tensor(m(**x, **extra)).double().log_softmax(-1))
+        gap = max(gap, (outs[0] - outs[1]).abs().max().item())
+    return gap

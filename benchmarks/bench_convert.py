@@ -1,0 +1,150 @@
+"""Benchmark: converting a GPT-2-small-shaped (124M) model, and forward latency source vs converted.
+
+Run:  python benchmarks/bench_convert.py [--threads 2] [--out benchmarks/results/convert.json]
+
+Measures (CPU):
+- conversion wall time and peak resident memory of ``normsurgeon.convert`` (own subprocess, so the
+  peak is the conversion's alone), with and without the built-in verification;
+- forward latency of the source and of the converted model (median of repeats, batch 1x128 and 4x256);
+- the RMSNorm kernels on a 4096x768 float32 tensor: ``F.layer_norm``, ``F.rms_norm``, and a plain
+  composite, which is why ``normsurgeon.modules.RMSNorm`` picks the layer_norm kernel on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def make_source(folder: Path) -> None:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config()  # 124M: 12 layers, d=768, vocab 50257
+    model = T.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
+                m.bias.copy_(0.2 * torch.randn_like(m.bias))
+    model.save_pretrained(folder)
+
+
+def _convert_child(src: str, out: str, verify: bool) -> None:
+    from normsurgeon.convert import convert
+
+    t0 = time.perf_counter()
+    report = convert(src, out, to="rmsnorm", run_verify=verify, overwrite=True)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"wall_s": wall, "peak_rss_bytes": peak, "status": report["status"],
+                      "max_abs_logprob": report.get("metrics", {}).get("max_abs_logprob", {}).get("value")}))
+
+
+def time_forward(model, ids, repeats: int) -> float:
+    with torch.no_grad():
+        model(ids)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def norm_kernels(repeats: int = 30) -> dict:
+    import torch.nn.functional as F
+
+    x = torch.randn(4096, 768)
+    x = x - x.mean(-1, keepdim=True)
+    w = torch.ones(768)
+    fns = {
+        "F.layer_norm": lambda: F.layer_norm(x, (768,), w, None, 1e-5),
+        "F.rms_norm": lambda: F.rms_norm(x, (768,), w, 1e-5),
+        "composite x*rsqrt(mean(x^2)+eps)": lambda: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w,
+    }
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts) * 1e3
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/convert.json"))
+    ap.add_argument("--child", nargs=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        _convert_child(args.child[0], args.child[1], args.child[2] == "1")
+        return
+    results: dict = {"machine": _machine(), "threads": args.threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "gpt2-124m", Path(tmp) / "rms"
+        make_source(src)
+        results["checkpoint_bytes"] = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        for verify in (False, True):
+            proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", str(src),
+                                   str(out), "1" if verify else "0"], capture_output=True, text=True, check=True)
+            results["convert_verify" if verify else "convert_only"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        from normsurgeon.io.loader import load_model
+
+        source = load_model(str(src)).model
+        converted = load_model(str(out)).model
+        stock = load_model(str(out), stock=True).model
+        lat = {}
+        for shape in ((1, 128), (4, 256)):
+            ids = torch.randint(0, 50257, shape, generator=torch.Generator().manual_seed(0))
+            key = f"{shape[0]}x{shape[1]}"
+            lat[key] = {
+                "source_s": time_forward(source, ids, args.repeats),
+                "converted_normsurgeon_s": time_forward(converted, ids, args.repeats),
+                "converted_stock_class_s": time_forward(stock, ids, args.repeats),
+            }
+            for m in converted.modules():
+                if hasattr(m, "impl"):
+                    m.impl = "rms"
+            lat[key]["converted_rms_kernel_s"] = time_forward(converted, ids, args.repeats)
+            for m in converted.modules():
+                if hasattr(m, "impl"):
+                    m.impl = "auto"
+        results["forward_latency"] = lat
+    results["norm_kernels_ms_4096x768"] = norm_kernels()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
