@@ -29,17 +29,9 @@ import torch
 
 from normsurgeon.graph.layouts import has_bias, in_features, layout_of, out_features
 from normsurgeon.graph.norm_kinds import NormKind, classify_norm
+from normsurgeon.graph.decompose import TRANSPARENT, decompose, feature_axis_kept
+from normsurgeon.graph.placement import BlockInfo, block_of, block_placements, find_blocks
 from normsurgeon.graph.trace import DataflowGraph, Node, trace_dataflow
-
-# Ops through which a tensor stays the same linear combination of atoms (feature axis untouched).
-_TRANSPARENT = {
-    "view", "reshape", "flatten", "transpose", "permute", "contiguous", "to", "type", "float", "double",
-    "half", "bfloat16", "clone", "expand", "expand_as", "squeeze", "unsqueeze", "__getitem__", "dropout",
-    "detach", "movedim", "swapaxes", "unflatten", "alpha_dropout", "feature_alpha_dropout",
-}
-_ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
-_SCALE = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__", "neg"}
-_CAT = {"cat", "concat", "concatenate"}
 
 
 @dataclasses.dataclass
@@ -78,14 +70,6 @@ class NormInfo:
 
 
 @dataclasses.dataclass
-class BlockInfo:
-    name: str
-    norms: list[str]
-    writers: list[str]
-    placement: str
-
-
-@dataclasses.dataclass
 class NormMap:
     """Everything the recipes need to know about a model's norms, derived from one traced forward pass."""
 
@@ -121,79 +105,6 @@ class NormMap:
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear decomposition of every recorded tensor
-# ----------------------------------------------------------------------------------------------
-
-def _is_scalar_like(node: Node) -> bool:
-    return len(node.shape) == 0 or all(s == 1 for s in node.shape)
-
-
-def _decompose(graph: DataflowGraph, norm_names: set[str]) -> list[frozenset[int] | None]:
-    """For each node: the set of atom node indices it is the sum of, or None if not linear."""
-    terms: list[frozenset[int] | None] = []
-    for n in graph.nodes:
-        t: frozenset[int] | None = None
-        if n.kind == "param" and n.is_float:
-            t = frozenset([n.idx])
-        elif n.kind == "module":
-            mod = graph.modules[n.target]
-            if isinstance(mod, (torch.nn.Dropout,)) and n.inputs:
-                t = terms[n.inputs[0]]
-            elif n.target in norm_names or layout_of(mod) is not None:
-                t = frozenset([n.idx])
-        elif n.kind == "op" and n.is_float:
-            t = _decompose_op(graph, n, terms)
-        terms.append(t)
-    return terms
-
-
-def _decompose_op(graph: DataflowGraph, n: Node, terms: list) -> frozenset[int] | None:
-    ins = n.inputs
-    name = n.target
-    if name in _TRANSPARENT and len(ins) >= 1:
-        return terms[ins[0]] if _feature_axis_kept(graph, n) else None
-    if name in _ADD:
-        if len(ins) == 2:
-            a, b = terms[ins[0]], terms[ins[1]]
-            return a | b if a is not None and b is not None else None
-        if len(ins) == 1 and all(s == 0 for s in n.scalars if isinstance(s, (int, float))):
-            return terms[ins[0]]
-        return None
-    if name in _SCALE:
-        if len(ins) == 1:
-            return terms[ins[0]]
-        if len(ins) == 2:
-            a, b = (graph.nodes[i] for i in ins)
-            if _is_scalar_like(b) and b.kind in ("external", "param", "op") and terms[ins[0]] is not None \
-                    and name not in ("div", "div_", "__truediv__", "__itruediv__") or \
-                    _is_scalar_like(b) and name in ("div", "div_", "__truediv__", "__itruediv__"):
-                return terms[ins[0]]
-            if _is_scalar_like(a) and name in ("mul", "mul_", "__mul__", "__rmul__"):
-                return terms[ins[1]]
-        return None
-    if name in _CAT:
-        dim = n.kwargs.get("dim", next((s for s in n.scalars if isinstance(s, int)), 0))
-        if dim in (-1, len(n.shape) - 1):
-            return None
-        parts = [terms[i] for i in ins]
-        if any(p is None for p in parts):
-            return None
-        out: frozenset[int] = frozenset()
-        for p in parts:
-            out |= p
-        return out
-    return None
-
-
-def _feature_axis_kept(graph: DataflowGraph, n: Node) -> bool:
-    """A transparent op must not slice or mix the feature axis (checked by the last-axis width)."""
-    if n.target != "__getitem__":
-        return True
-    src = graph.nodes[n.inputs[0]]
-    return bool(src.shape) and bool(n.shape) and src.shape[-1] == n.shape[-1]
-
-
-# ----------------------------------------------------------------------------------------------
 # Building the map
 # ----------------------------------------------------------------------------------------------
 
@@ -206,23 +117,6 @@ def _reachable(graph: DataflowGraph, start: int) -> set[int]:
                 seen.add(u)
                 stack.append(u)
     return seen
-
-
-def _blocks(model: torch.nn.Module) -> list[str]:
-    """Names of the children of every ModuleList that holds modules (the model's repeated blocks)."""
-    names = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
-            names.extend(f"{name}.{i}" for i in range(len(mod)))
-    return names
-
-
-def _block_of(name: str, blocks: list[str]) -> str | None:
-    best = None
-    for b in blocks:
-        if name.startswith(b + ".") and (best is None or len(b) > len(best)):
-            best = b
-    return best
 
 
 def _walk_readers(graph: DataflowGraph, start: int, norm_names: set[str]) -> tuple[list[str], list[str], bool]:
@@ -245,7 +139,7 @@ def _walk_readers(graph: DataflowGraph, start: int, norm_names: set[str]) -> tup
                     reaches_output |= u in graph.outputs
                 elif node.target not in readers:
                     readers.append(node.target)
-            elif node.kind == "op" and node.target in _TRANSPARENT and _feature_axis_kept(graph, node):
+            elif node.kind == "op" and node.target in TRANSPARENT and feature_axis_kept(graph, node):
                 stack.append(u)
                 reaches_output |= u in graph.outputs
             else:
@@ -268,7 +162,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
             if k is not None:
                 kinds[n.target] = k
     token_norms = {name for name, k in kinds.items() if k.is_token_norm}
-    terms = _decompose(graph, token_norms)
+    terms = decompose(graph, token_norms)
 
     # Atoms that are summed with something else somewhere: these write into a residual stream.
     stream_atoms: set[int] = set()
@@ -280,7 +174,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
         t = terms[idx]
         return t is not None and len(t) > 0 and t <= stream_atoms
 
-    blocks = _blocks(model)
+    blocks = find_blocks(model)
     norm_calls: dict[str, list[Node]] = {}
     for n in graph.nodes:
         if n.kind == "module" and n.target in kinds:
@@ -329,7 +223,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                     problems.append(f"its reader `{r.name}` reads {r.in_features} features, not {kind.size}")
         partners = sorted({graph.nodes[a].target for t in terms if t is not None and node.idx in t
                            for a in t if a != node.idx})
-        norms.append(NormInfo(name, kind, role, _block_of(name, blocks), len(calls), readers, stream_writers,
+        norms.append(NormInfo(name, kind, role, block_of(name, blocks), len(calls), readers, stream_writers,
                               problems, reads_output, in_idx, partners))
 
     writers = []
@@ -346,7 +240,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
 
     stream_problems = _stream_problems(graph, terms, stream_atoms, is_stream, kinds)
     hidden = _hidden_size(norms)
-    block_infos = _block_placements(blocks, norms, writers)
+    block_infos = block_placements(blocks, norms, writers)
     placements = {b.placement for b in block_infos if b.placement != "none"} or {"none"}
     placement = placements.pop() if len(placements) == 1 else "mixed"
     other_ops = sorted({n.target for n in graph.nodes if n.kind == "op"
@@ -381,39 +275,6 @@ def _stream_problems(graph, terms, stream_atoms, is_stream, kinds) -> list[str]:
 def _hidden_size(norms: list[NormInfo]) -> int | None:
     sizes = {n.kind.size for n in norms if n.role in ("pre", "final", "post")}
     return sizes.pop() if len(sizes) == 1 else None
-
-
-def _block_placements(blocks, norms, writers) -> list[BlockInfo]:
-    out = []
-    if not blocks:  # no ModuleList: treat the model as one block (without its embedding and final norms)
-        blocks = [""]
-    for b in blocks:
-        if b:
-            bnorms = [n for n in norms if n.block == b and n.role != "inner"]
-            bwriters = [w.name for w in writers if _block_of(w.name, [b]) == b]
-        else:
-            bnorms = [n for n in norms if n.role not in ("inner", "final", "embedding")]
-            bwriters = [w.name for w in writers if w.kind not in ("embedding", "param")]
-        if not bnorms and not bwriters:
-            continue
-        roles = sorted({n.role for n in bnorms})
-        if "final" in roles and len(roles) > 1:  # Post-LN's last norm doubles as the final norm
-            roles.remove("final")
-        pre_inputs = {n.input_node for n in bnorms if n.role == "pre"}
-        if not bnorms:
-            placement = "none"
-        elif roles == ["pre"]:
-            placement = "parallel" if len(pre_inputs) == 1 and len(bwriters) >= 2 else "pre-ln"
-        elif roles == ["post"]:
-            placement = "post-ln"
-        elif roles == ["output", "pre"]:
-            placement = "peri-ln"
-        elif roles == ["output"]:
-            placement = "output-norm-only"
-        else:
-            placement = "mixed(" + "+".join(roles) + ")"
-        out.append(BlockInfo(b, [n.name for n in bnorms], bwriters, placement))
-    return out
 
 
 def example_inputs(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
