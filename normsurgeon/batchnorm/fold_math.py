@@ -80,10 +80,11 @@ def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, s: torch
     return (wg * sg).reshape(w.shape), _bias64(bias, n_out) + shift
 
 
-def identity_kernel(channels: int, in_per_group: int, kernel: tuple[int, ...], dtype=F64) -> torch.Tensor:
-    """Conv kernel ``[C, C_in/g, k...]`` that maps each channel to itself (RepVGG identity branch)."""
+def identity_kernel(channels: int, in_per_group: int, kernel: tuple[int, ...], centre: tuple[int, ...],
+                    dtype=F64) -> torch.Tensor:
+    """Conv kernel ``[C, C_in/g, k...]`` that maps each channel to itself (RepVGG identity branch): a single
+    1 at ``[i, i mod (C_in/g), centre...]``."""
     k_id = torch.zeros(channels, in_per_group, *kernel, dtype=dtype)
-    centre = tuple(k // 2 for k in kernel)
     for i in range(channels):
         k_id[(i, i % in_per_group, *centre)] = 1.0
     return k_id

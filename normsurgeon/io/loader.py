@@ -45,8 +45,10 @@ def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool 
     r = resolve(ref, revision)
     if r.kind == "factory":
         return _load_factory(r.ref)
+    section = _peek_section(r.path)
+    if section is not None and section.get("format") == "fold-bn":
+        return _load_fold_bn(ref, r.path, section, stock)
     info = check_folder(r.path, allow_pickle=allow_pickle)
-    section = section_of(info.config)
     if section is not None and not section.get("stock_loadable", False) and not stock:
         model = _load_custom(info, section)
     else:
@@ -56,6 +58,32 @@ def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool 
     model.eval()
     dtype = next(model.parameters()).dtype
     return LoadedModel(model, ref, "folder", r.path, info.config, dtype, section)
+
+
+def _peek_section(path: Path) -> dict | None:
+    try:
+        return section_of(json.loads((path / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # check_folder reports a missing or broken config with its own message
+
+
+def _load_fold_bn(ref: str, path: Path, section: dict, stock: bool) -> LoadedModel:
+    """fold-bn outputs: the deploy form (BN modules gone) unless ``stock``; factory outputs either way."""
+    from safetensors.torch import load_file
+
+    from normsurgeon.batchnorm.deploy import load_deploy
+
+    if stock and section.get("factory"):
+        model = _load_factory(section["factory"]).model
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+    elif stock:
+        info = check_folder(path)
+        model = _load_hf(info, trust_remote_code=False, allow_pickle=False)
+    else:
+        model = load_deploy(path)
+    model.eval()
+    cfg = json.loads((path / "config.json").read_text())
+    return LoadedModel(model, ref, "folder", path, cfg, next(model.parameters()).dtype, section)
 
 
 def _load_factory(ref: str) -> LoadedModel:

@@ -1,0 +1,129 @@
+"""``run_fold_bn``: load, fold, verify, and write a fold-bn output folder atomically.
+
+Folder layout::
+
+    OUT/config.json             stock config + "normsurgeon" section (format fold-bn, deploy structure)
+    OUT/model.safetensors       stock-loadable form (folded BNs are exact identities)
+    OUT/deploy/model.safetensors  deploy form weights (BN modules gone; load with normsurgeon)
+    OUT/deploy/model.pt2        torch.export program of the deploy form
+    OUT/equivalence_report.json / .md
+
+>>> import tempfile, pathlib
+>>> out = pathlib.Path(tempfile.mkdtemp()) / "o"
+>>> r = run_fold_bn("normsurgeon.batchnorm.examples:conv_bn_net", out, input_shape=(2, 3, 8, 8), export=False)
+>>> r["status"], r["batchnorm"]["counts"]["left"]
+('pass', 1)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from normsurgeon.batchnorm.deploy import FORMAT, export_program
+from normsurgeon.batchnorm.fold import FoldResult, fold_batchnorms
+from normsurgeon.batchnorm.verify_fold import verify_fold
+from normsurgeon.errors import UsageError, VerificationFailed
+
+
+def example_batches(model: torch.nn.Module, input_shape: tuple[int, ...] | None, image_size: int | None,
+                    num: int, seed: int) -> list:
+    """Seeded random inputs: ``pixel_values`` for HF vision models, else one tensor of ``input_shape``."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    cfg = getattr(model, "config", None)
+    if input_shape is None and cfg is not None and getattr(model, "main_input_name", None) == "pixel_values":
+        size = image_size or getattr(cfg, "image_size", None) or 224
+        size = size if isinstance(size, int) else size[0]
+        shape = (num, getattr(cfg, "num_channels", 3), size, size)
+        return [{"pixel_values": torch.randn(shape, generator=gen).to(dtype)}]
+    if input_shape is None:
+        raise UsageError("cannot tell the model's input: pass --input-shape, e.g. 2,3,32,32")
+    return [(torch.randn(tuple(input_shape), generator=gen).to(dtype),)]
+
+
+def _split(batch) -> tuple[tuple, dict]:
+    return ((), batch) if isinstance(batch, dict) else (tuple(batch), {})
+
+
+def _save_stock(result: FoldResult, loaded, tmp: Path, section: dict) -> None:
+    from normsurgeon.io.writer import write_safetensors
+
+    stock = result.stock
+    if hasattr(stock, "save_pretrained") and getattr(stock, "config", None) is not None:
+        stock.save_pretrained(str(tmp), safe_serialization=True)
+        cfg = json.loads((tmp / "config.json").read_text())
+    else:
+        write_safetensors(stock.state_dict(), tmp, max_shard_bytes=5 * 10**9)
+        cfg = {}
+        section["factory"] = loaded.ref
+    cfg["normsurgeon"] = section
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def run_fold_bn(ref: str, out: str | Path, *, input_shape: tuple[int, ...] | None = None,
+                image_size: int | None = None, batch_size: int = 2, seed: int = 0, export: bool = True,
+                overwrite: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
+                dry_run: bool = False) -> dict:
+    """Fold every foldable BN of ``ref`` and write ``out``; returns the report (raises on failed checks)."""
+    from normsurgeon.io.loader import load_model
+    from normsurgeon.io.writer import copy_tagalong_files, staging_folder, write_safetensors
+    from normsurgeon.verify.report import SCHEMA, write_report
+
+    out = Path(out)
+    if out.exists() and not overwrite and not dry_run:
+        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    loaded = load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model = loaded.model
+    batches = example_batches(model, input_shape, image_size, batch_size, seed)
+    args, kwargs = _split(batches[0])
+    result = fold_batchnorms(model, args, kwargs)
+    dtype_name = str(loaded.dtype).replace("torch.", "")
+    check = verify_fold(model, result, batches, dtype_name)
+    report = {"schema": SCHEMA, "status": check["status"], "command": "fold-bn",
+              "exit_code": 0 if check["status"] == "pass" else VerificationFailed.exit_code,
+              "source": {"ref": ref, "architecture": type(model).__name__, "dtype": dtype_name},
+              "output": {"path": str(out), "dtype": dtype_name, "stock_loadable": True},
+              "batchnorm": {"counts": result.counts, "units": result.entries},
+              "fold_metrics": check["forms"], "metrics": _lead_metrics(check), "warnings": []}
+    if dry_run:
+        return report
+    section = {"format": FORMAT, "version": 1, "stock_loadable": True, "source_architecture": type(model).__name__,
+               "deploy": result.structure}
+    with staging_folder(out, overwrite) as tmp:
+        _save_stock(result, loaded, tmp, section)
+        (tmp / "deploy").mkdir()
+        write_safetensors(result.deploy.state_dict(), tmp / "deploy", max_shard_bytes=5 * 10**9)
+        if export:
+            report["deploy_export"] = export_program(result.deploy, args, kwargs, tmp / "deploy" / "model.pt2")
+        copy_tagalong_files(loaded.path, tmp)
+        write_report(report, tmp)
+        with open(tmp / "equivalence_report.md", "a") as f:
+            f.write(units_markdown(result.entries))
+    if check["status"] != "pass":
+        worst = {k: v for k, v in check["forms"].items() if not v["ok"]}
+        raise VerificationFailed(f"folded model differs from the source beyond tolerance: {worst}")
+    return report
+
+
+def _lead_metrics(check: dict) -> dict:
+    """The generic report's ``metrics`` table: one row per form and measure."""
+    rows = {}
+    for form, m in check["forms"].items():
+        key = "max_abs" if form == "deploy_float64" else "rel_to_scale"
+        th = m["threshold"].get(key)
+        rows[f"{form}: max|Δ|{' / scale' if key == 'rel_to_scale' else ''}"] = {"value": m[key], "threshold": th,
+                                                                              "ok": m[key] <= th}
+        if form != "deploy_float64":
+            rows[f"{form}: top-1 agreement"] = {"value": m["top1_agreement"], "threshold": 1.0,
+                                                "ok": m["top1_agreement"] == 1.0}
+    return rows
+
+
+def units_markdown(entries: list[dict]) -> str:
+    lines = ["", "## BatchNorm units", "", "| unit | kind | action | into | stock form / reason |", "|---|---|---|---|---|"]
+    for e in entries:
+        last = e.get("reason") if e["action"] == "left" else e.get("stock")
+        lines.append(f"| `{e['name']}` | {e['kind']} | {e['action']} | {e.get('into') or '—'} | {last} |")
+    return "\n".join(lines) + "\n"

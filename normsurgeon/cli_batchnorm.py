@@ -1,0 +1,84 @@
+"""The ``fold-bn`` command (wired into ``normsurgeon.cli`` with ``register(app)``); a thin layer over
+``normsurgeon.batchnorm.run.run_fold_bn``.
+
+>>> import typer
+>>> app = typer.Typer()
+>>> register(app)
+>>> [c.name for c in app.registered_commands]
+['fold-bn']
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from normsurgeon.errors import UsageError
+
+
+def _shape(text: Optional[str]) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise UsageError(f"cannot read --input-shape {text!r} (use e.g. 2,3,32,32)") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r} must list positive sizes")
+    return shape
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``fold-bn`` to ``app``."""
+
+    @app.command("fold-bn")
+    def fold_bn(
+        model: str = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub id, or package.module:factory."),
+        out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
+        input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape for plain torch models, e.g. 2,3,32,32."),
+        image_size: Optional[int] = typer.Option(None, "--image-size", help="Image size for HF vision models (default: config or 224)."),
+        batch_size: int = typer.Option(2, "--batch-size", help="Number of random inputs used to trace and verify."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the random verification inputs."),
+        export: bool = typer.Option(True, "--export/--no-export", help="Write deploy/model.pt2 (torch.export)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Fold and verify in memory; write nothing."),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (weights_only)."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    ) -> None:
+        """Fold every eval-mode BatchNorm into the conv/linear the dataflow proves it is connected to."""
+        from normsurgeon.cli import _run, out_console
+
+        def go() -> int:
+            from normsurgeon.batchnorm.run import run_fold_bn, units_markdown
+
+            report = run_fold_bn(model, out, input_shape=_shape(input_shape), image_size=image_size,
+                                 batch_size=batch_size, seed=seed, export=export, overwrite=overwrite,
+                                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dry_run=dry_run)
+            if as_json:
+                print(json.dumps(report, indent=2, default=str))
+                return 0
+            _print(report, out_console, units_markdown)
+            return 0
+
+        _run(go)
+
+
+def _print(report: dict, console, units_markdown) -> None:
+    from rich.table import Table
+
+    c = report["batchnorm"]["counts"]
+    table = Table(title=f"fold-bn: {report['status'].upper()}  (folded {c['folded']}, merged {c['merged']}, left {c['left']})")
+    for col in ("unit", "kind", "action", "into / reason"):
+        table.add_column(col)
+    for e in report["batchnorm"]["units"]:
+        table.add_row(e["name"], e["kind"], e["action"], e.get("into") or e.get("reason") or "")
+    console.print(table)
+    for form, m in report["fold_metrics"].items():
+        console.print(f"{form}: max|Δ| {m['max_abs']:.3e}  (÷ output scale {m['rel_to_scale']:.3e}), "
+                      f"top-1 {m['top1_agreement']:.4f}  {'ok' if m['ok'] else 'FAIL'}", highlight=False)
+    exp = report.get("deploy_export")
+    if exp:
+        console.print(f"deploy export: {exp.get('file') or exp.get('error')}", highlight=False)
