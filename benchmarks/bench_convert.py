@@ -67,17 +67,21 @@ def _convert_child(src: str, out: str, verify: bool) -> None:
 def time_interleaved(fns: dict, repeats: int) -> dict:
     """Time each callable once per round, round-robin, so background load hits all of them alike.
 
-    Returns min and median seconds per callable (min is the least disturbed by other processes).
+    Returns min and median wall seconds and median process-CPU seconds per callable (min wall and CPU
+    time are the least disturbed by other processes on a shared machine).
     """
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: {"min_s": min(v), "median_s": statistics.median(v)} for k, v in times.items()}
+            cpu[k].append(time.process_time() - c0)
+    return {k: {"min_s": min(v), "median_s": statistics.median(v), "cpu_median_s": statistics.median(cpu[k])}
+            for k, v in times.items()}
 
 
 def norm_kernels(repeats: int = 60) -> dict:
