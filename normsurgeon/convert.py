@@ -95,6 +95,8 @@ def convert(model: str, out: str | Path, *, to: str = "rmsnorm", recipe: str | P
     t0 = time.perf_counter()
     out = Path(out)
     rec = load_recipe(recipe) if recipe is not None else recipe_for_target(to)
+    if not isinstance(rec, Recipe):
+        raise UsageError(f"recipe {rec.name!r} is a {rec.target} recipe: run it with `normsurgeon {rec.target}`")
     policy = bias_policy or rec.bias_policy
     if out.exists() and not overwrite:
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")

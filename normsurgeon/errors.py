@@ -46,6 +46,12 @@ class ResourceError(NormSurgeonError):
     exit_code = 6
 
 
+class TrainingDiverged(NormSurgeonError):
+    """The loss or the gradient became NaN/inf during fine-tuning; the last good checkpoint is kept."""
+
+    exit_code = 7
+
+
 EXIT_CODES = {
     0: "success (and verification passed, where it ran)",
     1: "internal error (set NORMSURGEON_DEBUG=1 for a traceback)",
@@ -54,4 +60,5 @@ EXIT_CODES = {
     4: "unsupported model or structure: the rewrite cannot be done exactly (message says where)",
     5: "input problem: missing/corrupt files, config/weights mismatch, pickle refused, not in cache",
     6: "resource limit exceeded",
+    7: "fine-tuning diverged (NaN loss); the last good checkpoint is kept",
 }

@@ -65,6 +65,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UsageError(f"recipe {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if isinstance(data, dict) and data.get("target") == "remove-ln":  # fine-tuning recipes (normsurgeon.lnfree)
+        from normsurgeon.lnfree.recipe import load_lnfree_recipe
+
+        return load_lnfree_recipe(path)
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

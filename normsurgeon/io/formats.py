@@ -57,6 +57,12 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
             b = torch.zeros(size) if f"{name}.bias" in shapes else None
             new = RMSNorm(size, eps, weight=w, bias=b)
         _set_module(model, name, new)
+    for name, spec in (section.get("dyt") or {}).items():  # remove-ln --to dyt (normsurgeon.lnfree.dyt)
+        from normsurgeon.lnfree.dyt import DyT
+
+        _set_module(model, name, DyT(spec["size"], weight=spec["weight_attr"] is not None,
+                                     bias=spec["bias_attr"] is not None, weight_attr=spec["weight_attr"] or "weight",
+                                     bias_attr=spec["bias_attr"] or "bias"))
     for name in section.get("created_bias", []):
         mod = model.get_submodule(name)
         mod.bias = torch.nn.Parameter(torch.zeros(shapes[f"{name}.bias"]), requires_grad=False)

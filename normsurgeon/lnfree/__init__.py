@@ -1,0 +1,1 @@
+"""Removing LayerNorm/RMSNorm by fine-tuning (fixed-scale schedule, or DyT), and exporting the result."""

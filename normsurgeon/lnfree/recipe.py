@@ -1,0 +1,64 @@
+"""The ``remove-ln`` recipe: schedule, training settings and losses, validated strictly.
+
+Built-in recipes live in ``recipes/`` next to the conversion recipes, with ``target: remove-ln``.
+
+>>> r = load_lnfree_recipe("remove-ln-tiny")
+>>> r.target, r.train.steps, [s.role for s in r.schedule.stages]
+('remove-ln', 150, ['mlp', 'attn_qk', 'attn_v', 'final'])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from normsurgeon.errors import UsageError
+from normsurgeon.lnfree.schedule import Schedule
+from normsurgeon.train.config import TrainConfig
+
+
+class Losses(BaseModel):
+    """Auxiliary losses added to the next-token cross-entropy."""
+
+    model_config = ConfigDict(extra="forbid")
+    kl_weight: float = Field(0.0, ge=0.0)  # KL(original || current) per token, original model frozen
+    uniform_scale_weight: float = Field(0.0, ge=0.0)  # B25: variance of per-token scale before the final norm
+
+
+class RemoveLnRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    normsurgeon: Literal[1]
+    name: str
+    description: str = ""
+    target: Literal["remove-ln"]
+    schedule: Schedule
+    train: TrainConfig
+    losses: Losses = Losses()
+    calibration_batches: int = Field(8, ge=1)
+    dyt_alpha0: float = 0.5  # DyT initial alpha (paper default); see docs/ln_removal.md
+
+
+def load_lnfree_recipe(name_or_path: str | Path) -> RemoveLnRecipe:
+    """A built-in remove-ln recipe by name (``recipes/<name>.yaml``) or a file; invalid -> UsageError."""
+    from normsurgeon.recipes import builtin_recipes
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        builtin = builtin_recipes().get(str(name_or_path))
+        if builtin is None:
+            raise UsageError(f"no recipe {name_or_path!r} (built-in: {', '.join(builtin_recipes())})")
+        path = builtin
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"recipe {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict) or data.get("target") != "remove-ln":
+        raise UsageError(f"recipe {path.name} is not a remove-ln recipe (target: {data.get('target') if isinstance(data, dict) else '?'})")
+    try:
+        return RemoveLnRecipe.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"recipe {path.name}: {where}: {first['msg']}") from None

@@ -1,0 +1,55 @@
+"""Training checkpoints: one file per kept step (``step-000050.pt``), written atomically, newest wins.
+
+A checkpoint holds the model's full state dict (buffers included, e.g. a removal's scales and flags),
+the optimizer, the loop's counters, the hooks' state and the loss history: everything a resumed run
+needs to continue bit-for-bit. Loaded with ``weights_only=True``.
+
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> p = save_checkpoint(d, 5, {"step": 5}, keep=2)
+>>> latest_checkpoint(d).name, load_checkpoint(latest_checkpoint(d))["step"]
+('step-000005.pt', 5)
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from normsurgeon.errors import InputError
+
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Kept checkpoints, oldest first."""
+    if not Path(folder).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(folder).iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = checkpoints(folder)
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.pt"
+    tmp = folder / f".{path.name}.partial-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise InputError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
