@@ -120,6 +120,27 @@ def _bakeable(nm: NormMap, norm_name: str) -> bool:
     return len(n.stream_writers) == 1 and n.stream_writers[0] in nm.embedding_tables
 
 
+def decide_fold(norm: str, readers: list[tuple[str, str]], reads_output: bool, has_shift: bool,
+                missing: list[str], policy: str, attrs: dict[str, str]) -> tuple[Fold, list[str]]:
+    """What happens to one pre/final norm's gain and shift; returns the Fold and the biases it creates.
+
+    ``missing``: readers without a bias; ``has_shift``: the norm has a non-zero shift. Shared by the
+    in-memory plan and the streaming plan (which learns ``has_shift`` from the checkpoint).
+
+    >>> f, made = decide_fold("ln_f", [("lm_head", "linear")], False, True, ["lm_head"], "stock", {})
+    >>> f.fold_gain, made
+    (False, [])
+    """
+    if not (bool(readers) and not reads_output):
+        return Fold(norm, readers, False, False, "its output is a model output", **attrs), []
+    if has_shift and missing and policy == "stock":
+        # A shift kept on the norm sits after the gain, so the gain must stay there too.
+        reason = (f"{', '.join(f'`{m}`' for m in missing)} has no bias in the stock class; gain and shift "
+                  "stay on the RMSNorm (use --bias-policy fold-all to create the biases)")
+        return Fold(norm, readers, False, False, reason, **attrs), []
+    return Fold(norm, readers, True, has_shift, **attrs), (list(missing) if has_shift else [])
+
+
 def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_policy: str = "stock") -> RmsPlan:
     """Plan the exact conversion, or raise UnsupportedModel naming every blocking structure."""
     if target not in TARGETS:
@@ -157,24 +178,14 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
         shift = getattr(modules[n.name], n.kind.bias_attr, None) if n.kind.has_bias else None
         attrs = {"weight_attr": n.kind.weight_attr, "bias_attr": n.kind.bias_attr}
         has_shift = shift is not None and bool(torch.any(shift != 0))
-        gain_ok = bool(readers) and not n.reads_output
-        if not gain_ok:
-            kept_gain.append(n.name)
-            kept_shift.append(n.name) if has_shift else None
-            folds.append(Fold(n.name, readers, False, False, "its output is a model output", **attrs))
-            continue
         missing = [r.name for r in n.readers if not r.has_bias]
-        if has_shift and missing and policy == "stock":
-            kept_shift.append(n.name)
+        fold, made = decide_fold(n.name, readers, n.reads_output, has_shift, missing, policy, attrs)
+        folds.append(fold)
+        created.extend(made)
+        if not fold.fold_gain:
             kept_gain.append(n.name)
-            # A shift kept on the norm sits after the gain, so the gain must stay there too.
-            reason = (f"{', '.join(f'`{m}`' for m in missing)} has no bias in the stock class; gain and shift "
-                      "stay on the RMSNorm (use --bias-policy fold-all to create the biases)")
-            folds.append(Fold(n.name, readers, False, False, reason, **attrs))
-            continue
-        if has_shift:
-            created.extend(missing)
-        folds.append(Fold(n.name, readers, True, has_shift, **attrs))
+            if has_shift:
+                kept_shift.append(n.name)
     replace = {n.name: float(n.kind.eps) for n in nm.by_role("pre", "final")}
     if untie:
         extra = sum(modules[r].weight.numel() for r, _ in untie)

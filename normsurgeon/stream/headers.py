@@ -1,0 +1,164 @@
+"""Safetensors headers without the weights: names, dtypes, shapes and byte offsets, plus the shard index check.
+
+A safetensors file is ``u64 header length`` + a JSON header + one data buffer; each tensor's
+``data_offsets`` are relative to the buffer. Reading only the header lets us plan a conversion, and the
+offsets let us read one tensor with ``os.pread`` (no mmap, so no file pages count as our memory).
+
+>>> import tempfile, pathlib, torch
+>>> from safetensors.torch import save_file
+>>> d = pathlib.Path(tempfile.mkdtemp()); save_file({"a": torch.ones(2, 3)}, str(d / "model.safetensors"))
+>>> idx = read_checkpoint_index(d)
+>>> idx.tensors["a"].shape, idx.tensors["a"].nbytes
+((2, 3), 24)
+>>> read_tensor(idx.tensors["a"]).sum().item()
+6.0
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from normsurgeon.errors import InputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass
+class CheckpointIndex:
+    """Every tensor of a safetensors checkpoint (one file or an indexed set of shards)."""
+
+    folder: Path
+    files: list[Path]
+    tensors: dict[str, TensorEntry]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def fingerprint(self) -> list[tuple[str, int, int]]:
+        """(file name, size, mtime_ns) per file: changes when a shard is replaced."""
+        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+
+
+def read_header(file: Path) -> dict[str, TensorEntry]:
+    """Parse one safetensors header; a truncated or inconsistent file is an InputError."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{file.name} is not a readable safetensors file ({e})") from None
+    base = 8 + n
+    out: dict[str, TensorEntry] = {}
+    end_max = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise InputError(f"{file.name}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        begin, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * torch.empty(0, dtype=dtype).element_size():
+            raise InputError(f"{file.name}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
+        out[name] = TensorEntry(name, file, dtype, shape, base + begin, end - begin)
+        end_max = max(end_max, end)
+    if base + end_max > size:
+        raise InputError(f"{file.name} is truncated: its header describes {base + end_max} bytes, the file has {size}")
+    return out
+
+
+def read_checkpoint_index(folder: Path) -> CheckpointIndex:
+    """Headers of every shard, checked against ``model.safetensors.index.json`` before any weight is read."""
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{index.name} is not a valid shard index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"the shard index names missing files: {', '.join(missing[:3])}")
+        tensors: dict[str, TensorEntry] = {}
+        for f in files:
+            entries = read_header(f)
+            expected = {k for k, v in weight_map.items() if folder / v == f}
+            if expected - set(entries):
+                lack = sorted(expected - set(entries))
+                raise InputError(f"{f.name} lacks {len(lack)} tensors the index puts there (e.g. {lack[0]})")
+            extra = sorted(set(entries) - expected)
+            if extra:
+                raise InputError(f"{f.name} holds {len(extra)} tensors the index does not list (e.g. {extra[0]})")
+            tensors.update(entries)
+        return CheckpointIndex(folder, files, tensors)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder} has no safetensors weights (streaming reads safetensors only)")
+    tensors = {}
+    for f in files:
+        for k, e in read_header(f).items():
+            if k in tensors:
+                raise InputError(f"tensor {k} is in both {tensors[k].file.name} and {f.name}")
+            tensors[k] = e
+    return CheckpointIndex(folder, files, tensors)
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor with ``os.pread`` into fresh memory (the file is not mapped)."""
+    buf = bytearray(entry.nbytes)
+    fd = os.open(entry.file, os.O_RDONLY)
+    try:
+        view = memoryview(buf)
+        done = 0
+        while done < entry.nbytes:
+            n = os.preadv(fd, [view[done:]], entry.start + done)
+            if n <= 0:
+                raise InputError(f"{entry.file.name}: unexpected end of file reading {entry.name}")
+            done += n
+    finally:
+        os.close(fd)
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return torch.frombuffer(buf, dtype=entry.dtype).view(entry.shape)

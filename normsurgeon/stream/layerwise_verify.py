@@ -1,0 +1,248 @@
+"""Verify a conversion without holding either model: one block of one model in memory at a time.
+
+Both models are built on ``meta`` (buffers real). A forward pre-hook on every *unit* (each block of
+the ModuleLists, and every other module that owns parameters) reads that unit's tensors from the
+safetensors files (``os.pread``, cast to the compute dtype); a forward hook drops them again. The
+source runs first and its block inputs/outputs are kept (activations only); the converted model then
+runs on the same tokens, and at each block we report
+
+- ``resid_rel_l2``: its output stream against the source's (centred) output stream, accumulated error;
+- ``local_rel_l2``: the converted block run on the source's own (centred) input, against the source's
+  output: the error this block adds by itself, which localises a bad fold.
+
+Memory: about one block in the compute dtype plus the activations of all blocks.
+
+>>> import tempfile, pathlib
+>>> from normsurgeon.testing import tiny_gpt2
+>>> from normsurgeon.convert import convert
+>>> d = pathlib.Path(tempfile.mkdtemp()); tiny_gpt2().save_pretrained(d / "src")
+>>> _ = convert(str(d / "src"), d / "out", run_verify=False)
+>>> r = verify_layerwise(d / "src", d / "out")
+>>> r["status"], len(r["per_layer"])
+('pass', 2)
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normsurgeon.errors import UnsupportedModel
+from normsurgeon.io.checkpoint import read_config
+from normsurgeon.io.formats import rebuild_structure, section_of
+from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, read_tensor
+from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
+from normsurgeon.verify.inputs import default_batches
+from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, judge, output_metrics, residual_error
+from normsurgeon.verify.report import SCHEMA, status_of
+
+
+def _skeleton(folder: Path) -> tuple[torch.nn.Module, dict, CheckpointIndex]:
+    """The model of ``folder`` on meta, with a normsurgeon output's structure rebuilt."""
+    cfg = read_config(folder)
+    index = read_checkpoint_index(folder)
+    section = section_of(cfg)
+    if section is None:
+        return meta_model(cfg), cfg, index
+    base = dict(cfg)
+    base["model_type"] = section["source_model_type"]
+    base.pop("normsurgeon", None)
+    base["architectures"] = [section["source_architecture"]]
+    model = meta_model(base)
+    shapes = {k: t.shape for k, t in index.tensors.items()}
+    with torch.device("meta"):
+        if section.get("stock_loadable", False) and not section.get("crms"):
+            from normsurgeon.io.loader import _swap_norms
+
+            _swap_norms(model, section)
+        else:
+            rebuild_structure(model, section, shapes)
+    return model, cfg, index
+
+
+class LazyWeights:
+    """Load each unit's parameters just before it runs and drop them right after."""
+
+    def __init__(self, model: torch.nn.Module, index: CheckpointIndex, dtype: torch.dtype):
+        self.model, self.index, self.dtype = model, index, dtype
+        renames = checkpoint_renames(model, list(index.tensors))
+        by_runtime = {rt: ck for ck, rt in renames.items()}
+        lists = block_lists(model)
+        self.units: dict[str, list[tuple[torch.nn.Module, str, str]]] = {}
+        aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        for owner_name, owner in model.named_modules():
+            for attr, p in owner._parameters.items():
+                if p is None:
+                    continue
+                full = f"{owner_name}.{attr}" if owner_name else attr
+                ckpt = by_runtime.get(full) or next((by_runtime[a] for a in aliases[id(p)] if a in by_runtime), None)
+                if ckpt is None:
+                    raise UnsupportedModel(f"{folder_name(index)} has no tensor for parameter {full}")
+                hit = split_block(full, lists)
+                unit = f"{hit[0]}.{hit[1]}" if hit else owner_name
+                self.units.setdefault(unit, []).append((owner, attr, ckpt))
+        self.hooks: list = []
+        self.loaded_bytes = 0
+
+    def load(self, unit: str) -> None:
+        for owner, attr, ckpt in self.units[unit]:
+            t = read_tensor(self.index.tensors[ckpt])
+            owner._parameters[attr] = torch.nn.Parameter(t.to(self.dtype), requires_grad=False)
+            self.loaded_bytes += t.numel() * t.element_size()
+
+    def drop(self, unit: str) -> None:
+        for owner, attr, _ in self.units[unit]:
+            p = owner._parameters[attr]
+            owner._parameters[attr] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                         requires_grad=False)
+
+    @contextlib.contextmanager
+    def attached(self, on_block=None):
+        """Hooks that load/drop units; ``on_block(name, module, args, kwargs, output)`` sees each block."""
+        blocks = {f"{lst}.{i}" for lst, n in block_lists(self.model).items() for i in range(n)}
+        for unit in self.units:
+            mod = self.model.get_submodule(unit)
+            is_block = unit in blocks
+
+            def pre(m, args, kwargs, unit=unit):
+                if not getattr(self, "_inner", False):
+                    self.load(unit)
+
+            def post(m, args, kwargs, output, unit=unit, is_block=is_block):
+                if getattr(self, "_inner", False):
+                    return None
+                if is_block and on_block is not None:
+                    on_block(unit, m, args, kwargs, output)
+                self.drop(unit)
+                return None
+
+            self.hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            self.hooks.append(mod.register_forward_hook(post, with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for h in self.hooks:
+                h.remove()
+            self.hooks = []
+
+
+def folder_name(index: CheckpointIndex) -> str:
+    return str(index.folder)
+
+
+def _first_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    for attr in ("last_hidden_state", "hidden_states"):
+        t = getattr(x, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    raise TypeError(f"cannot find the hidden states in a block's {type(x).__name__}")
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    if args and isinstance(args[0], torch.Tensor):
+        return (h,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _one_batch(batches: list[dict]) -> dict:
+    """All sequences as one batch (token batches trimmed to the shortest length)."""
+    if len(batches) == 1:
+        return batches[0]
+    key = next(iter(batches[0]))
+    if key != "input_ids":
+        return batches[0]
+    n = min(b[key].shape[1] for b in batches)
+    return {key: torch.cat([b[key][:, :n] for b in batches])}
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    from normsurgeon.verify.runner import _output_tensor as get
+
+    return get(out)
+
+
+def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4, seq_len: int = 64, seed: int = 0,
+                     text_file: Path | None = None) -> dict:
+    """Compare ``converted`` with ``source`` block by block; return an equivalence report (a dict)."""
+    t0 = time.perf_counter()
+    source, converted = Path(source), Path(converted)
+    src, _, src_index = _skeleton(source)
+    conv, conv_cfg, conv_index = _skeleton(converted)
+    stored = next(t.dtype for t in conv_index.tensors.values() if t.dtype.is_floating_point)
+    compute = torch.float64 if stored == torch.float64 else torch.float32
+    src.to(compute)
+    conv.to(compute)
+    batch = _one_batch(default_batches(src, source, num=num, seq_len=seq_len, seed=seed, text_file=text_file))
+    batch = {k: (v.to(compute) if v.is_floating_point() else v) for k, v in batch.items()}
+    extra = {"use_cache": False} if "input_ids" in batch else {}
+
+    src_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name, m, args, kwargs, output):
+        src_io[name] = (_hidden_in(args, kwargs).detach().clone(), _first_tensor(output).detach().clone())
+
+    lazy_src = LazyWeights(src, src_index, compute)
+    try:
+        with lazy_src.attached(keep), torch.no_grad():
+            s_out = _output_tensor(src(**batch, **extra)).detach()
+        lazy_conv = LazyWeights(conv, conv_index, compute)
+        per_layer = []
+
+        def compare(name, m, args, kwargs, output):
+            if name not in src_io:
+                return
+            s_in, s_out_block = src_io.pop(name)
+            c_out = _first_tensor(output)
+            stream = residual_error(s_out_block, c_out)
+            width = _hidden_in(args, kwargs).shape[-1]
+            centred = (s_in.double() - s_in.double().mean(-1, keepdim=True))[..., :width].to(s_in.dtype)
+            a, k = _with_hidden(args, kwargs, centred)
+            lazy_conv._inner = True
+            try:
+                local_out = _first_tensor(m(*a, **k))
+            finally:
+                lazy_conv._inner = False
+            local = residual_error(s_out_block, local_out)
+            per_layer.append({"point": name, **stream, "local_rel_l2": local["resid_rel_l2"]})
+
+        with lazy_conv.attached(compare), torch.no_grad():
+            c_out = _output_tensor(conv(**batch, **extra)).detach()
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" in str(e):
+            raise UnsupportedModel(f"layer-by-layer verification needs every parameter to be used inside its "
+                                   f"module's forward ({str(e).splitlines()[0]}); use whole-model verification") from None
+        raise
+    sname = dtype_name(stored)
+    margin = 2 * THRESHOLDS.get(sname, THRESHOLDS["float32"])["max_abs_logprob"]
+    m = output_metrics(s_out, c_out, margin)
+    positions = m.pop("positions")
+    metrics = judge(m, sname)
+    worst = max(per_layer, key=lambda p: p["resid_rel_l2"], default=None)
+    return {
+        "schema": SCHEMA,
+        "status": status_of(metrics),
+        "source": {"ref": str(source), "architecture": type(src).__name__},
+        "output": {"path": str(converted), "dtype": sname, "loaded_as": type(conv).__name__},
+        "inputs": {"description": f"layer by layer, one batch {'x'.join(map(str, next(iter(batch.values())).shape))}"
+                                  f" (seed {seed})", "positions": positions, "compute_dtype": dtype_name(compute)},
+        "metrics": metrics,
+        "worst_residual_point": worst,
+        "per_layer": per_layer,
+        "layerwise": {"bytes_read": lazy_src.loaded_bytes + lazy_conv.loaded_bytes},
+        "timing_s": {"verify": round(time.perf_counter() - t0, 3)},
+    }
