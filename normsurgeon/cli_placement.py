@@ -1,0 +1,163 @@
+"""The ``place`` and ``diagnose`` commands (wired into ``normsurgeon.cli`` with ``register(app)``).
+
+>>> import typer
+>>> app = typer.Typer()
+>>> register(app)
+>>> sorted(c.name for c in app.registered_commands)
+['diagnose', 'place']
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from normsurgeon.errors import UsageError
+
+_QK = {"keep": "keep", "on": "qk", "off": "none", "qkv": "qkv"}
+
+
+def _options(scheme: Optional[str], alpha: Optional[float], star: bool, qk_norm: str, embedding_norm: bool,
+             calibrate: bool, alpha0: float, residual_alpha: Optional[float]) -> dict:
+    if qk_norm not in _QK:
+        raise UsageError(f"--qk-norm must be one of {', '.join(_QK)}, not {qk_norm!r}")
+    opts: dict = {}
+    if qk_norm != "keep" or scheme == "qk-norm":
+        opts["qk"] = _QK[qk_norm] if qk_norm != "keep" else "qk"
+    if alpha is not None:
+        if scheme != "mix":
+            raise UsageError("--alpha applies to --scheme mix")
+        opts["alpha"] = alpha
+    if star:
+        if scheme != "hybridnorm":
+            raise UsageError("--star applies to --scheme hybridnorm")
+        opts["star"] = True
+    if embedding_norm:
+        if scheme != "peri":
+            raise UsageError("--embedding-norm applies to --scheme peri")
+        opts["embedding_norm"] = True
+    if scheme in ("peri", "output-only", "dyt"):
+        opts["calibrate"] = calibrate
+    if scheme == "dyt":
+        opts["alpha0"] = alpha0
+    if residual_alpha is not None:
+        if scheme != "deepnorm":
+            raise UsageError("--residual-alpha applies to --scheme deepnorm")
+        opts["residual_alpha"] = residual_alpha
+    return opts
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``place`` and ``diagnose`` to ``app``."""
+
+    @app.command("place")
+    def place_cmd(
+        model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint (folder, cached hub id, factory) or, "
+                                    "with --from-config, a config.json or a folder holding one."),
+        out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (written atomically)."),
+        scheme: Optional[str] = typer.Option(None, "--scheme", help="pre, post, peri, output-only, mix, lns, deepnorm, "
+                                             "hybridnorm, qk-norm, dyt."),
+        blocks: Optional[str] = typer.Option(None, "--blocks", help="Per-block spec instead of --scheme, e.g. "
+                                             "'post@0:2,pre+lns@2:' (mods: lns, qk, qkv, noqk, dyt)."),
+        from_config: bool = typer.Option(False, "--from-config", help="Build a fresh model from MODEL's config "
+                                         "(training from scratch; scheme init such as DeepNorm beta)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Calibration/evaluation text (file, folder, .jsonl, "
+                                           "saved dataset or package.module:function). Required for checkpoints."),
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="'bytes' or a tokenizer folder."),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="mix: fraction of Post-LN blocks (default 0.25)."),
+        star: bool = typer.Option(False, "--star", help="hybridnorm: HybridNorm* (block 0 fully Pre-Norm)."),
+        qk_norm: str = typer.Option("keep", "--qk-norm", help="keep, on, off or qkv (composes with any scheme)."),
+        embedding_norm: bool = typer.Option(False, "--embedding-norm", help="peri: add a norm on the embeddings."),
+        calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Set added gains from calibration data."),
+        alpha0: float = typer.Option(0.5, "--alpha0", help="dyt: initial alpha for --from-config."),
+        residual_alpha: Optional[float] = typer.Option(None, "--residual-alpha", help="deepnorm: default (2L)^(1/4)."),
+        calib_seqs: int = typer.Option(16, "--calib-seqs", help="Calibration windows (train split)."),
+        eval_seqs: int = typer.Option(16, "--eval-seqs", help="Evaluation windows (held-out split)."),
+        seq_len: int = typer.Option(128, "--seq-len", help="Window length in tokens."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the windows (and of the init with --from-config)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Rewrite and measure in memory; write nothing."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    ) -> None:
+        """Rewrite a Pre-LN Llama- or GPT-2-family model to another norm placement and report what it preserves.
+
+        exact: lns (1/sqrt(l) folded into the input-norm gains), pre. approximate after calibration: peri,
+        output norms and dyt (gains / alpha from calibration data). not function-preserving: post, mix,
+        deepnorm, hybridnorm, qk-norm. The loss change on held-out windows of --data is always reported.
+
+        Example: normsurgeon place examples/tiny-gpt2 --scheme lns --data examples.stdlib_corpus:load_stdlib_corpus -o out/lns
+        """
+        from normsurgeon.cli import _run, _status, out_console
+
+        def go() -> int:
+            from normsurgeon.placement.run import run_place
+
+            if out is None and not dry_run:
+                raise UsageError("give -o OUT (or --dry-run)")
+            opts = _options(scheme, alpha, star, qk_norm, embedding_norm, calibrate, alpha0, residual_alpha)
+            if blocks is not None and opts:
+                raise UsageError("scheme options (--alpha, --qk-norm, ...) apply to --scheme, not --blocks")
+            r = run_place(model, out, scheme=scheme, blocks=blocks, options=opts, from_config=from_config, data=data,
+                          tokenizer=tokenizer, calib_sequences=calib_seqs, eval_sequences=eval_seqs, seq_len=seq_len,
+                          seed=seed, calibrate=calibrate, overwrite=overwrite, dry_run=dry_run,
+                          say=_status(not as_json))
+            r.pop("model_object", None)
+            if as_json:
+                print(json.dumps(r, indent=2, default=str))
+            else:
+                from normsurgeon.placement.run import to_markdown
+
+                out_console.print(to_markdown(r), highlight=False, markup=False)
+            return 0
+
+        _run(go)
+
+    @app.command("diagnose")
+    def diagnose_cmd(
+        model: str = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub id, factory, or a `place` output."),
+        data: str = typer.Option(..., "--data", help="Text file, folder, .jsonl, saved dataset or package.module:function."),
+        out: Optional[Path] = typer.Option(None, "-o", "--out", help="Report folder (report.json/.md/.html + PNGs); "
+                                           "default: no files."),
+        log: Optional[str] = typer.Option(None, "--log", help="Training log (JSON/JSONL/CSV/lines) for spike scores."),
+        num_seqs: int = typer.Option(8, "--num-seqs", help="Number of held-out windows."),
+        seq_len: int = typer.Option(512, "--seq-len", help="Window length (capped at the model's positions)."),
+        micro_batch: int = typer.Option(2, "--micro-batch", help="Windows per forward pass."),
+        removal_seqs: Optional[int] = typer.Option(2, "--removal-seqs", help="Windows used for the single-layer removal losses (default 2; the most expensive part: one pass per layer)."),
+        grad_seqs: Optional[int] = typer.Option(4, "--grad-seqs", help="Windows used for gradient norms (default 4; hidden-state statistics always use all windows)."),
+        no_grads: bool = typer.Option(False, "--no-grads", help="Skip the backward pass (no gradient norms)."),
+        no_removal: bool = typer.Option(False, "--no-removal", help="Skip single-layer removal."),
+        no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw PNGs."),
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="'bytes' or a tokenizer folder."),
+        seed: int = typer.Option(1234, "--seed", help="Seed of the window positions."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON on stdout."),
+    ) -> None:
+        """Per-layer variance/RMS, massive activations, gradient norms (block, FFN), angular distances,
+        single-layer removal Δloss and, with --log, loss-spike scores.
+
+        States are raw block outputs (hooks), not `hidden_states` (whose last entry is after the final norm).
+        Example: normsurgeon diagnose examples/tiny-gpt2 --data examples.stdlib_corpus:load_stdlib_corpus -o diag
+        """
+        from normsurgeon.cli import _run, _status, out_console
+
+        def go() -> int:
+            from normsurgeon.diagnose.report import headline
+            from normsurgeon.diagnose.run import run_diagnose
+
+            r = run_diagnose(model, data, out, num_sequences=num_seqs, seq_len=seq_len, seed=seed, log=log,
+                             micro_batch=micro_batch, grads=not no_grads, removal=not no_removal,
+                             removal_sequences=removal_seqs, grad_sequences=grad_seqs, tokenizer=tokenizer, plots=not no_plots,
+                             overwrite=overwrite, say=_status(not as_json))
+            if as_json:
+                print(json.dumps(r, indent=2, default=str))
+                return 0
+            for line in headline(r):
+                out_console.print(f"· {line}", highlight=False, markup=False)
+            if out is not None:
+                out_console.print(f"wrote {out}/report.html, report.md, report.json" +
+                                  (f" and {len(r.get('plots', []))} plots" if r.get("plots") else ""), highlight=False)
+            return 0
+
+        _run(go)

@@ -1,0 +1,1 @@
+"""Per-layer diagnostics of a causal LM: activations, gradients, angular distances, layer removal, spikes."""

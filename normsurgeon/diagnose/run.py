@@ -1,0 +1,99 @@
+"""``run_diagnose``: load a model and data, diagnose, and write report.json, PNG plots, report.md and
+report.html into an output folder (atomically).
+
+>>> import tempfile, pathlib
+>>> out = pathlib.Path(tempfile.mkdtemp()) / "diag"
+>>> text = pathlib.Path(tempfile.mkdtemp()) / "t.txt"; _ = text.write_text("A = B + 1\\nC = (A, 2)\\n" * 40)  # bytes < 96
+>>> r = run_diagnose("normsurgeon.testing:tiny_gpt2", str(text), out, num_sequences=2, seq_len=16,
+...                  tokenizer="bytes", plots=False)
+>>> sorted(p.name for p in out.iterdir())
+['report.html', 'report.json', 'report.md']
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from normsurgeon.diagnose.compute import diagnose_model
+from normsurgeon.diagnose.report import to_html, to_markdown
+from normsurgeon.diagnose.spikes import log_spikes
+from normsurgeon.errors import UsageError
+
+
+def load_any(ref: str, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """``load_model``, or normsurgeon's placement loader for folders written by ``place``."""
+    from normsurgeon.placement.io import is_placed_folder, load_placed
+    from normsurgeon.io.loader import load_model
+
+    if is_placed_folder(ref):
+        return load_placed(ref)
+    return load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def token_windows(data: str, model: torch.nn.Module, folder: Path | None, num: int, seq_len: int, seed: int,
+                  tokenizer: str | None = None, text_field: str = "text") -> tuple[torch.Tensor, dict]:
+    """``num`` fixed windows [num, seq_len] from the held-out split of ``data`` (train split if too short)."""
+    from normsurgeon.train.data import heldout_windows, load_token_data, tokenizer_for
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    tok = tokenizer_for(folder, vocab, tokenizer)
+    td = load_token_data(data, tok, text_field)
+    tokens, split = (td.heldout, "heldout") if td.heldout.numel() >= seq_len else (td.train, "train")
+    if tokens.numel() < seq_len:
+        raise UsageError(f"the data has {tokens.numel()} tokens, fewer than one window of {seq_len}; use --seq-len")
+    return heldout_windows(tokens, num, seq_len, seed), {**td.description, "windows_from": split}
+
+
+def run_diagnose(model: str, data: str, out: Path | None, *, num_sequences: int = 8, seq_len: int = 512,
+                 seed: int = 1234, log: str | None = None, micro_batch: int = 2, grads: bool = True,
+                 removal: bool = True, removal_sequences: int | None = None,
+                 grad_sequences: int | None = None, tokenizer: str | None = None,
+                 text_field: str = "text", plots: bool = True, overwrite: bool = False,
+                 allow_pickle: bool = False, trust_remote_code: bool = False,
+                 say: Callable[[str], None] | None = None) -> dict:
+    """Diagnose ``model`` on ``data``; write the report into ``out`` (if given); return it as a dict."""
+    say = say or (lambda msg: None)
+    if num_sequences < 1 or seq_len < 2 or micro_batch < 1:
+        raise UsageError("--num-seqs and --micro-batch must be >= 1 and --seq-len >= 2")
+    lm = load_any(model, allow_pickle, trust_remote_code)
+    net = lm.model.float() if lm.dtype in (torch.float16, torch.bfloat16) else lm.model
+    cap = max_positions(net)
+    if cap is not None and seq_len > cap:
+        say(f"--seq-len {seq_len} exceeds the model's {cap} positions; using {cap}")
+        seq_len = cap
+    spikes = log_spikes(log) if log else None  # read the log first: a bad path fails before the long pass
+    ids, data_desc = token_windows(data, net, lm.path, num_sequences, seq_len, seed, tokenizer, text_field)
+    say(f"diagnosing {type(net).__name__} on {ids.shape[0]} x {ids.shape[1]} tokens")
+    d = diagnose_model(net, ids, micro_batch=micro_batch, grads=grads, removal=removal,
+                       removal_sequences=removal_sequences, grad_sequences=grad_sequences, say=say)
+    d.spikes = spikes
+    report = {"model": model, "data": data_desc, "seed": seed, **d.to_dict()}
+    if out is not None:
+        from normsurgeon.io.writer import staging_folder
+
+        with staging_folder(Path(out), overwrite) as tmp:
+            written, note = [], None
+            if plots:
+                from normsurgeon.diagnose.plots import write_plots
+
+                written, note = write_plots(d, tmp, title=f"{model}")
+            report["plots"] = written
+            if note:
+                report["plots_note"] = note
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+            (tmp / "report.md").write_text(to_markdown(report, written, model))
+            (tmp / "report.html").write_text(to_html(report, written, model))
+        report["out"] = str(out)
+    return report
