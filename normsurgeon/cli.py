@@ -137,6 +137,13 @@ def convert(
     json_out: bool = JsonOpt,
     allow_pickle: bool = AllowPickle,
     trust_remote_code: bool = TrustRemote,
+    # --- streaming (normsurgeon/cli_streaming.py, issue 6) ---
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan from config.json + safetensors headers only; write nothing."),
+    stream: bool = typer.Option(False, "--stream", help="Convert group by group from disk (automatic when the "
+                                                        "model does not fit in memory)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Refuse (exit 6) a plan needing more, e.g. 4GiB."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted streaming conversion."),
+    verify_mode: str = typer.Option("auto", "--verify-mode", help="Streaming: auto, whole or layerwise."),
 ) -> None:
     """Convert a Pre-LN model to Pre-RMSNorm or Pre-CRMSNorm exactly, write it, and verify it.
 
@@ -152,6 +159,16 @@ def convert(
     if bias_policy not in (None, "stock", "fold-all"):
         err_console.print(f"[bold red]error:[/] --bias-policy must be stock or fold-all, not {bias_policy!r}")
         raise typer.Exit(2)
+
+    # --- streaming (normsurgeon/cli_streaming.py, issue 6) ---
+    from normsurgeon import cli_streaming as cs
+
+    if dry_run or stream or resume or max_memory is not None or cs.should_stream(model):
+        _run(lambda: cs.run_streaming_convert(
+            model, out, to=to, bias_policy=bias_policy, dtype=dtype, overwrite=overwrite, no_verify=no_verify,
+            max_shard_size=max_shard_size, max_memory=max_memory, resume=resume, dry_run=dry_run,
+            verify_mode=verify_mode, json_out=json_out, console=out_console, status=_status(not json_out)))
+    # --- end streaming ---
 
     def go() -> int:
         from normsurgeon.convert import convert as do_convert
@@ -189,6 +206,8 @@ def verify(
     json_out: bool = JsonOpt,
     allow_pickle: bool = AllowPickle,
     trust_remote_code: bool = TrustRemote,
+    layerwise: bool = typer.Option(False, "--layerwise", help="Load one block of each model at a time (models "
+                                                              "larger than memory); reports per-block errors."),
 ) -> None:
     """Check that CONVERTED computes the same function as SOURCE (exit 3 if not).
 
@@ -196,6 +215,12 @@ def verify(
     plus the residual stream at each converted norm's input to locate a bad fold. Thresholds depend on
     the converted checkpoint's dtype: float64 1e-10, float32 1e-4, float16 3e-2, bfloat16 1.5e-1.
     """
+    if layerwise:  # --- streaming (normsurgeon/cli_streaming.py, issue 6) ---
+        from normsurgeon import cli_streaming as cs
+
+        _run(lambda: cs.run_layerwise_verify(source, converted, num=num, seq_len=seq_len, seed=seed, text=text,
+                                             json_out=json_out, console=out_console))
+
     def go() -> int:
         from normsurgeon.verify.api import verify as do_verify
         from normsurgeon.verify.report import print_report
@@ -230,7 +255,7 @@ def _register_plugins() -> None:
     import importlib
 
     for mod in ("normsurgeon.cli_batchnorm", "normsurgeon.cli_lnremoval", "normsurgeon.cli_placement",
-                "normsurgeon.cli_streaming"):
+                "normsurgeon.cli_streaming", "normsurgeon.cli_prepbn"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:

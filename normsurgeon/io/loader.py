@@ -48,6 +48,17 @@ def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool 
     section = _peek_section(r.path)
     if section is not None and section.get("format") == "fold-bn":
         return _load_fold_bn(ref, r.path, section, stock)
+    if section is not None and not stock and section.get("format") == "placement" \
+            and not section.get("stock_loadable", False):
+        from normsurgeon.placement.io import load_placed
+
+        return load_placed(r.path)
+    if section is not None and not stock and section.get("format") == "prepbn":
+        from normsurgeon.prepbn.export import load_prepbn
+
+        model = load_prepbn(r.path)
+        cfg = json.loads((r.path / "config.json").read_text())
+        return LoadedModel(model, ref, "folder", r.path, cfg, next(model.parameters()).dtype, section)
     info = check_folder(r.path, allow_pickle=allow_pickle)
     if section is not None and not section.get("stock_loadable", False) and not stock:
         model = _load_custom(info, section)

@@ -5,7 +5,7 @@ import json
 
 import torch
 import transformers as T
-from helpers import randomise
+from bn_helpers import randomise
 from typer.testing import CliRunner
 
 from normsurgeon.batchnorm.deploy import count_batch_norm_ops, load_deploy

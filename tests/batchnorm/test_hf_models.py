@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from helpers import assert_equivalent, randomise
+from bn_helpers import assert_equivalent, randomise
 
 from normsurgeon.batchnorm.fold import fold_batchnorms
 from normsurgeon.batchnorm.units import candidates

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import actions, assert_equivalent, randomise
+from bn_helpers import actions, assert_equivalent, randomise
 
 from normsurgeon.batchnorm.apply import ZeroBranch
 from normsurgeon.batchnorm.fold import fold_batchnorms

@@ -5,7 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from helpers import actions, assert_equivalent
+from bn_helpers import actions, assert_equivalent
 
 from normsurgeon.batchnorm.fold import fold_batchnorms
 

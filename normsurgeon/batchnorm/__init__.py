@@ -1,0 +1,1 @@
+"""BatchNorm folding and structural re-parameterization (`normsurgeon fold-bn`); see docs/batchnorm.md."""
