@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import resource
+import threading
 import shutil
 import time
 from pathlib import Path
@@ -244,6 +246,49 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+class _BackgroundWriter:
+    """Writes finished tensors on a second thread so disk writes overlap the next job's read and math.
+
+    ``os.pwrite`` releases the GIL. At most ``depth`` tensors wait in the queue, which bounds the extra
+    memory to ``depth`` output tensors. ``drain`` waits for every queued write and re-raises a failure.
+    """
+
+    def __init__(self, write: Callable[[str, torch.Tensor, int], None], depth: int = 2):
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="normsurgeon-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._write(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread in drain()
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def submit(self, name: str, t: torch.Tensor, rel: int) -> None:
+        if self._error is not None:
+            self.drain()
+        self._queue.put((name, t, rel))
+
+    def drain(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: dict[str, str], resume: bool,
                  status: Callable[[str], None] = lambda s: None,
                  on_group_done: Callable[[str], None] | None = None) -> dict:
@@ -273,6 +318,7 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
         _pwrite_all(fds[shard], memoryview(data), off + rel)
         written += t.numel() * t.element_size()
 
+    writer = _BackgroundWriter(write)
     try:
         _write_json_atomic(progress_path, {"fingerprint": fingerprint, "max_shard_bytes": max_shard_bytes,
                                            "done": done})
@@ -283,21 +329,24 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
             for job in group.jobs:
                 t0 = time.perf_counter()
                 if row_chunked(job):
-                    run_job_chunked(job, plan, reader, write)
+                    run_job_chunked(job, plan, reader, writer.submit)
                     continue
                 tensors = run_job(job, plan, reader)
                 t1 = time.perf_counter()
                 for name, t in tensors.items():
-                    write(name, t, 0)
+                    writer.submit(name, t, 0)
                 del tensors
                 t_math += t1 - t0
                 t_write += time.perf_counter() - t1
+            writer.drain()  # a group counts as done only once all its bytes are written
             done.append(group.name)
             _write_json_atomic(progress_path, {"fingerprint": fingerprint, "max_shard_bytes": max_shard_bytes,
                                                "done": done})
             if on_group_done is not None:
                 on_group_done(group.name)
+        writer.drain()
     finally:
+        writer.close()
         for fd in fds.values():
             os.close(fd)
     if len(layouts) > 1:
@@ -305,7 +354,7 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
         index = {"metadata": {"total_size": total}, "weight_map": {k: v[0] for k, v in where.items()}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return {"shards": [s.name for s in layouts], "bytes_written": written, "read_and_math_s": round(t_math, 3),
-            "write_s": round(t_write, 3), "resumed_groups": already}
+            "write_wait_s": round(t_write, 3), "resumed_groups": already}
 
 
 # ----------------------------------------------------------------------------------------------
