@@ -8,9 +8,7 @@ normsurgeon's own converted folders.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 from normsurgeon.errors import InputError
 from normsurgeon.io.checkpoint import FolderInfo, check_folder
+from normsurgeon.io.factory import resolve_attribute
 from normsurgeon.io.formats import CUSTOM_PREFIX, rebuild_structure, section_of
 from normsurgeon.io.resolve import resolve
 
@@ -98,18 +97,7 @@ def _load_fold_bn(ref: str, path: Path, section: dict, stock: bool) -> LoadedMod
 
 
 def _load_factory(ref: str) -> LoadedModel:
-    module_name, _, attr = ref.partition(":")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise InputError(f"cannot import {module_name!r} for factory {ref!r}: {e}") from None
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise InputError(f"{module_name!r} has no attribute {attr!r}")
+    factory = resolve_attribute(ref)
     model = factory() if callable(factory) else factory
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")

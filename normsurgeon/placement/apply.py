@@ -96,7 +96,6 @@ def place(model: torch.nn.Module, spec: PlacementSpec, *, mode: str = "convert",
     if mode == "convert":
         check_source(model, fam)
     blocks = fam.blocks(model)
-    L = len(blocks)
     b0 = spec.blocks[0].attn
     if mode == "convert" and not b0.in_norm and b0.post_norm and not spec.embedding_norm:
         spec = spec.model_copy(update={"embedding_norm": True})

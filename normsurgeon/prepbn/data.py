@@ -16,14 +16,13 @@ Images must already be preprocessed to the model's input (channels, size, scalin
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from normsurgeon.errors import InputError
+from normsurgeon.io.factory import resolve_attribute
 
 HELDOUT_FRACTION = 0.2
 
@@ -45,14 +44,7 @@ def _pair(obj: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _factory(spec: str, split: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"cannot load data factory {spec!r}: {e}") from None
-    return fn(split)
+    return resolve_attribute(spec, "data factory")(split)
 
 
 def load_image_data(spec: str, seed: int = 0) -> ImageData:

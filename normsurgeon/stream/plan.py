@@ -30,7 +30,7 @@ from normsurgeon.graph.normmap import build_norm_map
 from normsurgeon.io.checkpoint import read_config
 from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, probe_model, split_block
-from normsurgeon.transforms.plan import Fold, RmsPlan, decide_fold, plan_rms_conversion
+from normsurgeon.transforms.plan import RmsPlan, decide_fold, plan_rms_conversion
 
 BASELINE_BYTES = 700 * 2**20  # interpreter + torch + transformers, measured on this project's machine
 _NAMED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

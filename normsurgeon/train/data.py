@@ -24,16 +24,15 @@ torch.Size([2, 8])
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from normsurgeon.errors import InputError, UsageError
+from normsurgeon.io.factory import resolve_attribute
 
 HELDOUT_EVERY = 20
 HELDOUT_FRACTION = 0.05
@@ -145,14 +144,7 @@ def _documents_from_datasets(path: Path, text_field: str) -> list[str]:
 
 
 def _call_factory(spec: str, split: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"cannot load data factory {spec!r}: {e}") from None
-    return fn(split)
+    return resolve_attribute(spec, "data factory")(split)
 
 
 def _encode_all(docs: list[str | bytes], tok: Tokenizer) -> torch.Tensor:
