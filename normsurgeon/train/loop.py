@@ -25,9 +25,10 @@ import torch
 from normsurgeon.errors import TrainingDiverged, UsageError  # noqa: F401 (TrainingDiverged re-exported)
 from normsurgeon.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from normsurgeon.train.config import TrainConfig, lr_at
-from normsurgeon.train.data import TokenData, check_lengths, heldout_windows, train_batch
-from normsurgeon.train.evaluate import heldout_loss, next_token_loss
+from normsurgeon.train.data import TokenData
+from normsurgeon.train.evaluate import next_token_loss
 from normsurgeon.train.spikes import SpikeDetector
+from normsurgeon.train.tasks import TokenTask, TrainTask
 
 
 class TrainHooks:
@@ -73,13 +74,13 @@ class TrainResult:
     checkpoint: str | None
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
@@ -96,11 +97,11 @@ def make_accelerator():
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def train(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
+def train(model: torch.nn.Module, data: TokenData | TrainTask, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = False,
           stop_after: int | None = None, log: Callable[[str], None] | None = None,
           accelerator=None) -> TrainResult:
-    """Fine-tune ``model`` in place on ``data`` for ``cfg.steps`` optimizer steps.
+    """Fine-tune ``model`` in place on ``data`` (token windows, or any ``TrainTask``) for ``cfg.steps`` steps.
 
     ``stop_after``: stop (after writing a checkpoint) once this many steps are done, as an interruption
     would; ``resume``: continue from the newest checkpoint in ``checkpoint_dir``.
@@ -111,17 +112,18 @@ def train(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, *, hooks: T
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % world:
         raise UsageError(f"batch size {cfg.batch_size} is not divisible by the number of processes ({world})")
-    check_lengths(data, cfg.block_size)
+    task = data if isinstance(data, TrainTask) else TokenTask(data)
+    task.check(cfg)
     rows = cfg.batch_size // world
     micro = cfg.micro_batch_size or rows
 
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     wrapped, opt = acc.prepare(model, opt)
     inner = acc.unwrap_model(wrapped)
     params = [p for p in inner.parameters() if p.requires_grad]
+    dtype = next(inner.parameters()).dtype
     detector = SpikeDetector(cfg.spike_factor, cfg.spike_window)
-    eval_windows = heldout_windows(data.heldout, cfg.eval_windows, cfg.block_size, cfg.eval_seed)
 
     step, lr_scale, backoffs, history, evals = 0, 1.0, 0, [], []
     resumed_from, last_ckpt = None, None
@@ -158,7 +160,7 @@ def train(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, *, hooks: T
                 last_ckpt = str(save_checkpoint(checkpoint_dir, step, memory, cfg.keep_checkpoints))
             acc.wait_for_everyone()
 
-    bar = _Bar(cfg.steps, step, enabled=progress and acc.is_main_process)
+    bar = ProgressBar(cfg.steps, step, enabled=progress and acc.is_main_process)
     step_time, timed_steps = 0.0, 0
     stopped_at = None
     try:
@@ -172,19 +174,19 @@ def train(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, *, hooks: T
                 g["lr"] = lr
             t0 = time.perf_counter()
             torch.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)  # dropout etc.: a function of the step
-            batch = train_batch(data, step, cfg.batch_size, cfg.block_size, cfg.seed)[rank::world]  # [rows, T]
-            batch = batch.to(acc.device)
+            batch = task.batch(step, cfg, rank, world, acc.device, dtype)
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=acc.device)
             ce_sum = torch.zeros((), device=acc.device)
-            chunks = batch.split(micro)
+            chunks = task.split(batch, micro)
             for i, mb in enumerate(chunks):
+                share = task.rows(mb) / rows
                 sync = contextlib.nullcontext() if i == len(chunks) - 1 else acc.no_sync(wrapped)
                 with sync:
-                    loss, ce = hooks.loss(wrapped, mb)
-                    acc.backward(loss * (mb.shape[0] / rows))
-                total += loss.detach() * (mb.shape[0] / rows)
-                ce_sum += ce.detach() * (mb.shape[0] / rows)
+                    loss, ce = task.loss(wrapped, hooks, mb)
+                    acc.backward(loss * share)
+                total += loss.detach() * share
+                ce_sum += ce.detach() * share
             step_loss = float(acc.reduce(total, "mean"))
             step_ce = float(acc.reduce(ce_sum, "mean"))
             if cfg.grad_clip:
@@ -212,7 +214,7 @@ def train(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, *, hooks: T
             step += 1
             bar.update(step, step_ce, hooks.stage(step - 1))
             if cfg.eval_every and step % cfg.eval_every == 0:
-                evals.append({"step": step, "heldout_loss": heldout_loss(inner, eval_windows)})
+                evals.append({"step": step, **task.evaluate(inner, cfg)})
                 wrapped.train()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint()
@@ -220,12 +222,12 @@ def train(model: torch.nn.Module, data: TokenData, cfg: TrainConfig, *, hooks: T
             checkpoint()
     finally:
         bar.close()
-    tokens = cfg.batch_size * cfg.block_size * timed_steps
+    tokens = task.units_per_step(cfg) * timed_steps
     return TrainResult(step, history, evals, tokens / step_time if step_time else 0.0,
-                       _peak_memory_mb(acc.device), backoffs, stopped_at, resumed_from, last_ckpt)
+                       peak_memory_mb(acc.device), backoffs, stopped_at, resumed_from, last_ckpt)
 
 
-class _Bar:
+class ProgressBar:
     """A rich progress bar with the loss and the current stage (stderr, main process only)."""
 
     def __init__(self, total: int, start: int, enabled: bool):
