@@ -53,8 +53,8 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Load a built-in recipe by name, or a recipe file by path; invalid recipes raise UsageError."""
+def read_recipe_file(name_or_path: str | Path) -> tuple[Path, object]:
+    """Find a recipe (a file path, or a built-in name) and parse its YAML; problems raise UsageError."""
     path = Path(name_or_path)
     if not path.is_file():
         builtin = builtin_recipes().get(str(name_or_path))
@@ -62,19 +62,29 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise UsageError(f"no recipe {name_or_path!r} (built-in: {', '.join(builtin_recipes())})")
         path = builtin
     try:
-        data = yaml.safe_load(path.read_text())
+        return path, yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UsageError(f"recipe {path} is not valid YAML: {e}".splitlines()[0]) from None
-    if isinstance(data, dict) and data.get("target") == "remove-ln":  # fine-tuning recipes (normsurgeon.lnfree)
-        from normsurgeon.lnfree.recipe import load_lnfree_recipe
 
-        return load_lnfree_recipe(path)
+
+def validate_recipe(model_cls: type[BaseModel], data: object, path: Path):
+    """``model_cls.model_validate(data)`` with the first problem as a one-line UsageError."""
     try:
-        return Recipe.model_validate(data)
+        return model_cls.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise UsageError(f"recipe {path.name}: {where}: {first['msg']}") from None
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a built-in recipe by name, or a recipe file by path; invalid recipes raise UsageError."""
+    path, data = read_recipe_file(name_or_path)
+    if isinstance(data, dict) and data.get("target") == "remove-ln":  # fine-tuning recipes (normsurgeon.lnfree)
+        from normsurgeon.lnfree.recipe import load_lnfree_recipe
+
+        return load_lnfree_recipe(path)
+    return validate_recipe(Recipe, data, path)
 
 
 def recipe_for_target(target: str) -> Recipe:

@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from normsurgeon.errors import UsageError
 from normsurgeon.lnfree.schedule import Schedule
@@ -42,23 +41,9 @@ class RemoveLnRecipe(BaseModel):
 
 def load_lnfree_recipe(name_or_path: str | Path) -> RemoveLnRecipe:
     """A built-in remove-ln recipe by name (``recipes/<name>.yaml``) or a file; invalid -> UsageError."""
-    from normsurgeon.recipes import builtin_recipes
+    from normsurgeon.recipes import read_recipe_file, validate_recipe
 
-    path = Path(name_or_path)
-    if not path.is_file():
-        builtin = builtin_recipes().get(str(name_or_path))
-        if builtin is None:
-            raise UsageError(f"no recipe {name_or_path!r} (built-in: {', '.join(builtin_recipes())})")
-        path = builtin
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UsageError(f"recipe {path} is not valid YAML: {e}".splitlines()[0]) from None
+    path, data = read_recipe_file(name_or_path)
     if not isinstance(data, dict) or data.get("target") != "remove-ln":
         raise UsageError(f"recipe {path.name} is not a remove-ln recipe (target: {data.get('target') if isinstance(data, dict) else '?'})")
-    try:
-        return RemoveLnRecipe.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"recipe {path.name}: {where}: {first['msg']}") from None
+    return validate_recipe(RemoveLnRecipe, data, path)
