@@ -7,6 +7,8 @@ Each measurement runs in its own subprocess; its peak RSS comes from ``os.wait4`
     python benchmarks/bench_streaming.py verify-layerwise /work/bench/gpt2 /work/bench/out
     python benchmarks/bench_streaming.py in-memory /work/bench/gpt2 /work/bench/out-mem
     python benchmarks/bench_streaming.py error /work/bench/gpt2 /work/bench/out      # same tokens as the peer
+    python benchmarks/bench_streaming.py error /work/bench/gpt2 /work/bench/out --dtype float64
+        # float32-stored weights evaluated in float64 against the float64 source: the conversion's own error
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from normsurgeon.io.loader import load_model
 from normsurgeon.verify.inputs import random_token_batches
 from normsurgeon.verify.metrics import output_metrics
 src, conv = load_model(SRC), load_model(OUT)
-dt = conv.dtype
+dt = getattr(torch, DTYPE) if DTYPE else conv.dtype  # --dtype float64: evaluate the stored weights exactly
 src.model.to(dt); conv.model.to(dt)
 ids = random_token_batches(src.model.config.vocab_size, 4, 64, 0)[0]["input_ids"]
 with torch.no_grad():

@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-dtype", default=None, help="evaluate processed and reference models in this dtype "
+                    "(float64: the processing's own error, without float32 forward round-off)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
@@ -44,11 +46,14 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ids = random_token_batches(hf.config.vocab_size, 4, 64, 0)[0]["input_ids"]
     ref_model = T.GPT2LMHeadModel.from_pretrained(str(a.folder), dtype=dtype).eval()
+    if a.eval_dtype:
+        bridge.to(getattr(torch, a.eval_dtype))
+        ref_model.to(getattr(torch, a.eval_dtype))
     with torch.no_grad():
         ref = ref_model(ids).logits
         out = bridge(ids)
     m = output_metrics(ref, out)
-    print(json.dumps({"tool": "transformer_lens", "dtype": a.dtype, "load_s": round(t1 - t0, 2),
+    print(json.dumps({"tool": "transformer_lens", "dtype": a.dtype, "eval_dtype": a.eval_dtype or a.dtype, "load_s": round(t1 - t0, 2),
                       "process_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "peak_rss_bytes": peak,
                       "max_abs_logprob": m["max_abs_logprob"], "mean_kl": m["mean_kl"],
                       "top1_agreement": m["top1_agreement_all"]}))
