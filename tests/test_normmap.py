@@ -133,3 +133,14 @@ def test_bloom_embedding_norm_is_baked():
     plan = plan_rms_conversion(build("bloom"), nm, "rmsnorm")
     assert plan.bake == [("transformer.word_embeddings_layernorm", "transformer.word_embeddings")]
     assert not plan.stock_loadable
+
+
+def test_cnn_inspects_with_batchnorms_and_no_rms_recipe():
+    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    model = randomise(T.ResNetForImageClassification(cfg))
+    nm = build_norm_map(model)
+    roles = {n.role for n in nm.norms}
+    assert roles == {"batchnorm"} and len(nm.norms) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with pytest.raises(UnsupportedModel, match="no norm on the residual stream"):
+        plan_rms_conversion(model, nm, "rmsnorm")

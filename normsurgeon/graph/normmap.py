@@ -289,8 +289,9 @@ def example_inputs(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     main = getattr(model, "main_input_name", "input_ids")
     if main == "pixel_values":
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        return {"pixel_values": torch.randn(1, cfg.num_channels, size, size, generator=gen,
+        size = getattr(cfg, "image_size", 64)  # CNN configs (ResNet, ...) have no image size: any will do
+        size = size if isinstance(size, int) else size[0]
+        return {"pixel_values": torch.randn(1, getattr(cfg, "num_channels", 3), size, size, generator=gen,
                                             dtype=next(model.parameters()).dtype)}
     vocab = getattr(cfg, "vocab_size", 256)
     ids = torch.randint(0, vocab, (1, seq_len), generator=gen)

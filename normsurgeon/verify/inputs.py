@@ -73,8 +73,9 @@ def default_batches(model: torch.nn.Module, model_dir: Path | None, num: int = 4
                     seed: int = 0, text_file: Path | None = None, image_dir: Path | None = None) -> list[dict]:
     cfg = model.config
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        return image_batches(size, cfg.num_channels, num, seed, image_dir)
+        size = getattr(cfg, "image_size", 64)
+        size = size if isinstance(size, int) else size[0]
+        return image_batches(size, getattr(cfg, "num_channels", 3), num, seed, image_dir)
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or seq_len
     seq_len = min(seq_len, max_pos)
     if text_file is not None:
