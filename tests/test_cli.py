@@ -149,3 +149,8 @@ def test_console_script_help_and_version():
     assert out.returncode == 0 and "normsurgeon" in out.stdout
     code, text = run("convert", "--help")
     assert code == 0 and "Exit codes" in text and "--bias-policy" in text
+
+
+def test_verify_unrelated_models_exit_5(saved_family):
+    code, out = run("verify", saved_family("gpt2"), saved_family("opt"))
+    assert code == 5 and "not a source and its conversion" in _one_line_error(out)

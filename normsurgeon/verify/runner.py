@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from normsurgeon.errors import InputError
 from normsurgeon.verify.metrics import output_metrics, residual_error
 
 
@@ -67,6 +68,9 @@ def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches:
         finally:
             for h in hooks:
                 h.remove()
+        if s_out.shape != c_out.shape:
+            raise InputError(f"the models' outputs have different shapes ({tuple(s_out.shape)} vs "
+                             f"{tuple(c_out.shape)}): they are not a source and its conversion")
         m = output_metrics(s_out, c_out, margin)
         n = m.pop("positions")
         for k, v in m.items():
