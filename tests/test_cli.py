@@ -151,6 +151,10 @@ def test_console_script_help_and_version():
     assert code == 0 and "Exit codes" in text and "--bias-policy" in text
 
 
-def test_verify_unrelated_models_exit_5(saved_family):
-    code, out = run("verify", saved_family("gpt2"), saved_family("opt"))
+def test_verify_unrelated_models_exit_5(saved_family, tmp_path):
+    import transformers as T
+
+    base = tmp_path / "base"
+    T.GPT2Model(build("gpt2").config).save_pretrained(base)  # hidden states, not logits
+    code, out = run("verify", saved_family("gpt2"), base)
     assert code == 5 and "not a source and its conversion" in _one_line_error(out)
