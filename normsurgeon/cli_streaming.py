@@ -67,7 +67,7 @@ def run_plan(model: str, to: str, bias_policy: Optional[str], dtype: str, max_me
 
 def should_stream(model: str) -> bool:
     """Stream when ``model`` is a safetensors folder too large to convert in memory (about 3x in float64)."""
-    from normsurgeon.stream.execute import _available_memory
+    from normsurgeon.stream.pipeline import _available_memory
     from normsurgeon.stream.headers import read_checkpoint_index
 
     path = Path(model)

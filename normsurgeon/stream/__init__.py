@@ -1,6 +1,6 @@
 """Memory-bounded conversion of large checkpoints: plan from headers, stream group by group, resume,
-and verify layer by layer. See ``plan.py``, ``execute.py`` and ``layerwise_verify.py``."""
-from normsurgeon.stream.execute import stream_convert
+and verify layer by layer. See ``plan.py``, ``pipeline.py``, ``execute.py``, ``shards.py`` and ``layerwise_verify.py``."""
+from normsurgeon.stream.pipeline import stream_convert
 from normsurgeon.stream.layerwise_verify import verify_layerwise
 from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming
 

@@ -1,0 +1,180 @@
+"""``stream_convert``: the streaming conversion end to end (plan, execute, config and report, verify,
+move into place). See ``execute.py`` for how the plan is run.
+
+>>> import tempfile, pathlib
+>>> from normsurgeon.testing import tiny_gpt2
+>>> d = pathlib.Path(tempfile.mkdtemp()); tiny_gpt2().save_pretrained(d / "src")
+>>> r = stream_convert(d / "src", d / "out", verify="layerwise")
+>>> r["status"], r["streaming"]["groups"]
+('pass', 4)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from normsurgeon.errors import UsageError, VerificationFailed
+from normsurgeon.io.writer import copy_tagalong_files, parse_size
+from normsurgeon.stream.execute import PROGRESS, execute_plan, norm_shifts, partial_folder
+from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming, validate_options
+
+def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", bias_policy: str | None = None,
+                   dtype: str | None = None, max_shard_size: str | int = "5GB", max_memory: str | int | None = None,
+                   resume: bool = False, overwrite: bool = False, verify: str = "auto",
+                   status: Callable[[str], None] = lambda s: None,
+                   on_group_done: Callable[[str], None] | None = None) -> dict:
+    """Convert the safetensors folder ``source`` group by group and write it to ``out``; return the report.
+
+    ``verify``: "auto" (whole-model when both models fit in memory, else layer by layer), "whole",
+    "layerwise" or "none". ``max_memory`` refuses (exit 6) a plan whose estimated peak is above it.
+    """
+    from normsurgeon.convert import _config_json, _versions, parse_dtype
+    from normsurgeon.recipes import recipe_for_target
+    from normsurgeon.verify.report import to_markdown, write_report
+
+    t0 = time.perf_counter()
+    source, out = Path(source), Path(out)
+    rec = recipe_for_target(to)
+    policy = bias_policy or rec.bias_policy
+    validate_options(to, policy)
+    if verify not in ("auto", "whole", "layerwise", "none"):
+        raise UsageError(f"verify must be auto, whole, layerwise or none, not {verify!r}")
+    if out.exists() and not overwrite:
+        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.resolve() == source.resolve():
+        raise UsageError("the output folder is the input folder; inputs are never modified")
+    budget = parse_size(max_memory) if max_memory is not None else None
+    max_bytes = parse_size(max_shard_size)
+
+    status("planning from config.json and the safetensors headers")
+    draft = plan_streaming(source, to, policy, parse_dtype(dtype))
+    check_budget(draft, budget)
+    status("reading the norm shifts")
+    plan = plan_streaming(source, to, policy, parse_dtype(dtype), shifts=norm_shifts(draft))
+    check_budget(plan, budget)
+    t_plan = time.perf_counter() - t0
+
+    tmp = partial_folder(out)
+    if tmp.exists() and not resume:
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        stats = execute_plan(plan, tmp, max_bytes, {"normsurgeon_recipe": rec.name}, resume, status, on_group_done)
+    except KeyboardInterrupt:
+        status(f"interrupted: the partial output stays in {tmp}; run again with --resume to finish it")
+        raise
+    t_convert = time.perf_counter() - t0 - t_plan
+
+    shim = _SourceShim(plan.config, plan.model_class)
+    cfg = _config_json(shim, plan.rms_plan, rec, plan.out_dtype)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    copied = copy_tagalong_files(source, tmp)
+    resolved = {"recipe": rec.model_dump(), "bias_policy": policy, "plan": plan.rms_plan.to_dict()}
+    (tmp / "normsurgeon_recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    report: dict = {"status": "not-verified"}
+    mode = verify
+    if verify == "auto":
+        mode = "whole" if _fits_whole(plan, budget) else "layerwise"
+    if mode != "none":
+        status(f"verifying ({mode})")
+        report = _verify(source, tmp, mode, plan, rec)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report.update({
+        "tool": _versions(),
+        "recipe": {"name": rec.name, "target": rec.target, "bias_policy": policy},
+        "plan": plan.to_dict()["plan"] | {"kept_on_norm": {f.norm: f.reason for f in plan.rms_plan.folds
+                                                            if not f.fold_gain}},
+        "inventory": {**plan.inventory["counts"], "added": plan.inventory["added"],
+                      "dropped": plan.inventory["dropped"], "shards": stats["shards"], "tagalong": copied},
+        "stock_loadable": plan.rms_plan.stock_loadable,
+        "streaming": {"groups": len(plan.groups), "resumed_groups": stats["resumed_groups"],
+                      "estimated_peak_bytes": plan.peak_bytes, "peak_rss_bytes": peak,
+                      "checkpoint_bytes": plan.checkpoint.total_bytes, "bytes_written": stats["bytes_written"],
+                      "verify_mode": mode},
+    })
+    report.setdefault("source", {"ref": str(source)})
+    report.setdefault("output", {})
+    report["output"].update({"path": str(out), "dtype": str(plan.out_dtype).replace("torch.", ""),
+                             "format": f"pre-{plan.target}"})
+    report["timing_s"] = {**report.get("timing_s", {}), "plan": round(t_plan, 3), "convert": round(t_convert, 3),
+                          "total": round(time.perf_counter() - t0, 3)}
+    write_report(report, tmp)
+    if report["status"] == "fail":
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise VerificationFailed("the converted checkpoint is not equivalent to the source; nothing was "
+                                 "written:\n" + to_markdown(report))
+    (tmp / PROGRESS).unlink(missing_ok=True)
+    _move_into_place(tmp, out)
+    return report
+
+
+@dataclasses.dataclass
+class _SourceShim:
+    """What ``convert._config_json`` reads from a loaded source, without loading it."""
+
+    config: dict
+    class_name: str
+    kind: str = "folder"
+
+    @property
+    def model(self):
+        return type(self.class_name, (), {})()
+
+
+def _fits_whole(plan: StreamPlan, budget: int | None) -> bool:
+    """Whole-model verification holds both models in float32 (or float64) plus activations."""
+    numel = sum(t.numel for t in plan.checkpoint.tensors.values())
+    item = 8 if plan.out_dtype == torch.float64 else 4
+    need = 2.5 * numel * item + (1 << 30)
+    avail = budget if budget is not None else _available_memory()
+    return need <= avail
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec) -> dict:
+    if mode == "layerwise":
+        from normsurgeon.stream.layerwise_verify import verify_layerwise
+
+        return verify_layerwise(source, tmp, num=rec.verify.num_sequences, seq_len=rec.verify.seq_len,
+                                seed=rec.verify.seed)
+    from normsurgeon.io.loader import load_model
+    from normsurgeon.verify.api import verify_loaded
+
+    report = verify_loaded(load_model(str(source)), load_model(str(tmp)), num=rec.verify.num_sequences,
+                           seq_len=rec.verify.seq_len, seed=rec.verify.seed)
+    if plan.rms_plan.stock_loadable:
+        stock = verify_loaded(load_model(str(source)), load_model(str(tmp), stock=True), num=rec.verify.num_sequences,
+                              seq_len=rec.verify.seq_len, seed=rec.verify.seed)
+        report["stock_load"] = {"status": stock["status"], "loaded_as": stock["output"]["loaded_as"],
+                                "metrics": stock["metrics"]}
+        if stock["status"] != "pass":
+            report["status"] = "fail"
+    return report
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
