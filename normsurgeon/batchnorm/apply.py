@@ -24,11 +24,6 @@ class ZeroBranch(torch.nn.Module):
         return x.new_zeros(())
 
 
-def set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def add_bias(layer: torch.nn.Module, b: torch.Tensor) -> None:
     """Set ``layer.bias`` to ``b`` (creating the parameter if the layer had none)."""
     if layer.bias is None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from normsurgeon.batchnorm.apply import ZeroBranch, set_module
+from normsurgeon.batchnorm.apply import ZeroBranch
+from normsurgeon.module_tree import set_module
 from normsurgeon.errors import InputError
 
 FORMAT = "fold-bn"

@@ -24,7 +24,8 @@ import dataclasses
 
 import torch
 
-from normsurgeon.batchnorm.apply import ZeroBranch, apply_fold, apply_merge, cast_back, set_module
+from normsurgeon.batchnorm.apply import ZeroBranch, apply_fold, apply_merge, cast_back
+from normsurgeon.module_tree import set_module
 from normsurgeon.batchnorm.fold_math import F64
 from normsurgeon.batchnorm.patterns import Fold, find_folds
 from normsurgeon.batchnorm.rep import Merge, find_merges

@@ -53,6 +53,20 @@ def safetensors_keys(file: Path) -> list[str]:
         raise InputError(f"{file.name} is not a readable safetensors file ({e})") from None
 
 
+def read_shard_index(path: Path) -> tuple[dict[str, str], list[Path]]:
+    """``model.safetensors.index.json``'s weight map and its shard files, every one of which must exist."""
+    index = path / SAFETENSORS_INDEX
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{index.name} is not a valid shard index ({e})") from None
+    shards = sorted({path / f for f in weight_map.values()})
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise InputError(f"the shard index names missing files: {', '.join(missing[:3])}")
+    return weight_map, shards
+
+
 def check_folder(path: Path, allow_pickle: bool = False) -> FolderInfo:
     """Validate ``path`` as a model folder and list its weight files (headers only)."""
     if not path.is_dir():
@@ -60,14 +74,7 @@ def check_folder(path: Path, allow_pickle: bool = False) -> FolderInfo:
     cfg = read_config(path)
     index = path / SAFETENSORS_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{index.name} is not a valid shard index ({e})") from None
-        shards = sorted({path / f for f in weight_map.values()})
-        missing = [s.name for s in shards if not s.is_file()]
-        if missing:
-            raise InputError(f"shard index names missing files: {', '.join(missing[:3])}")
+        weight_map, shards = read_shard_index(path)
         names: list[str] = []
         for s in shards:
             keys = set(safetensors_keys(s))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from normsurgeon.modules import CRMSNorm, RMSNorm
+from normsurgeon.module_tree import set_module
 
 CUSTOM_PREFIX = "normsurgeon_"
 
@@ -32,12 +33,6 @@ def section_of(config: dict) -> dict | None:
     return sec if isinstance(sec, dict) else None
 
 
-def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, tuple[int, ...]]) -> None:
     """Give ``model`` (built from the source config) the converted structure described by ``section``.
 
@@ -45,7 +40,7 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
     the stored shapes before the state dict is loaded.
     """
     for name in section.get("identity", []):
-        _set_module(model, name, torch.nn.Identity())
+        set_module(model, name, torch.nn.Identity())
     crms = section.get("crms")
     for name, eps in section.get("rmsnorm", {}).items():
         old = model.get_submodule(name)
@@ -56,11 +51,11 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
             w = torch.ones(size) if f"{name}.weight" in shapes else None
             b = torch.zeros(size) if f"{name}.bias" in shapes else None
             new = RMSNorm(size, eps, weight=w, bias=b)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     for name, spec in (section.get("dyt") or {}).items():  # remove-ln --to dyt (normsurgeon.lnfree.dyt)
         from normsurgeon.lnfree.dyt import DyT
 
-        _set_module(model, name, DyT(spec["size"], weight=spec["weight_attr"] is not None,
+        set_module(model, name, DyT(spec["size"], weight=spec["weight_attr"] is not None,
                                      bias=spec["bias_attr"] is not None, weight_attr=spec["weight_attr"] or "weight",
                                      bias_attr=spec["bias_attr"] or "bias"))
     for name in section.get("created_bias", []):

@@ -106,14 +106,24 @@ def _load_factory(ref: str) -> LoadedModel:
     return LoadedModel(model, ref, "factory", None, cfg, next(model.parameters()).dtype, None)
 
 
+def transformers_class(config: dict):
+    """The first class named in ``config["architectures"]`` that transformers ships, or None."""
+    import transformers
+
+    for arch in config.get("architectures") or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return None
+
+
 def _model_class(config: dict, trust_remote_code: bool):
     import transformers
 
     archs = config.get("architectures") or []
-    for arch in archs:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
+    cls = transformers_class(config)
+    if cls is not None:
+        return cls
     if config.get("auto_map"):
         if not trust_remote_code:
             raise InputError(f"the model's class ({', '.join(archs) or 'auto_map'}) is remote code; pass "
@@ -159,46 +169,55 @@ def _load_hf(info: FolderInfo, trust_remote_code: bool, allow_pickle: bool) -> t
     return model
 
 
+def source_model(config: dict, section: dict) -> torch.nn.Module:
+    """A fresh instance of the source class recorded in a normsurgeon output's config section."""
+    import transformers
+
+    cfg = {k: v for k, v in config.items() if k != "normsurgeon"}
+    cfg["model_type"] = section["source_model_type"]  # undo the normsurgeon_<type> rename
+    cls = getattr(transformers, section.get("source_architecture") or "", None)
+    if cls is None:
+        raise InputError(f"transformers has no class {section.get('source_architecture')!r}")
+    return cls(transformers.AutoConfig.for_model(**cfg))
+
+
+def load_recorded_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
+    """Cast ``model`` to the stored dtype and load ``state`` into it; every parameter must be covered and
+    nothing may be left over (non-persistent buffers excepted)."""
+    model.to(next(iter(state.values())).dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    buffers = {n for n, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in buffers]
+    if missing or unexpected:
+        raise InputError(f"{where} does not match its recorded structure "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    return model
+
+
 def _load_custom(info: FolderInfo, section: dict) -> torch.nn.Module:
     """Rebuild a normsurgeon output whose structure the stock class cannot hold."""
-    import transformers
     from safetensors import safe_open
 
-    cfg = dict(info.config)
-    cfg["model_type"] = section["source_model_type"]
-    cfg.pop("normsurgeon", None)
-    cls = getattr(transformers, section["source_architecture"], None)
-    if cls is None:
-        raise InputError(f"transformers has no class {section['source_architecture']!r}")
-    config = transformers.AutoConfig.for_model(**cfg)
     state: dict[str, torch.Tensor] = {}
     for f in info.weight_files:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
                 state[k] = sf.get_tensor(k)
-    model = cls(config)
+    model = source_model(info.config, section)
     rebuild_structure(model, section, {k: tuple(v.shape) for k, v in state.items()})
-    dtype = next(iter(state.values())).dtype
-    model.to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    buffers = {n for n, _ in model.named_buffers()}
-    missing = [k for k in missing if k not in buffers]
-    if missing or unexpected:
-        raise InputError(f"converted checkpoint {info.path} does not match its recorded structure "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    return model
+    return load_recorded_state(model, state, f"converted checkpoint {info.path}")
 
 
 def _swap_norms(model: torch.nn.Module, section: dict) -> None:
     """Replace the stock LayerNorms named in the section by RMSNorm modules with the same parameters."""
     from normsurgeon.modules import RMSNorm
+    from normsurgeon.module_tree import set_module
 
     for name, eps in section.get("rmsnorm", {}).items():
         old = model.get_submodule(name)
         new = RMSNorm(old.normalized_shape[0], eps, weight=getattr(old, "weight", None),
                       bias=getattr(old, "bias", None))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        set_module(model, name, new)
 
 
 def read_json(path: Path) -> dict:

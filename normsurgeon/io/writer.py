@@ -45,6 +45,11 @@ def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_folder(tmp, out)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move the complete folder ``tmp`` to ``out``, replacing whatever is there (renames, then cleanup)."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)

@@ -33,6 +33,8 @@ from normsurgeon.errors import UnsupportedModel
 from normsurgeon.lnfree.dyt import DyT
 from normsurgeon.lnfree.fake_norm import FixedScaleNorm
 from normsurgeon.lnfree.sites import Site
+from normsurgeon.transforms.apply import mark_untied
+from normsurgeon.module_tree import set_module
 
 EPS_KEYS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps", "layernorm_epsilon", "norm_epsilon")
 BIG_EPS = 1e12
@@ -56,11 +58,6 @@ def fixed_map(norm: FixedScaleNorm) -> tuple[torch.Tensor, torch.Tensor]:
         m = m - 1.0 / d  # centring C = I - 11^T/d
     m = g[:, None] * m / norm.sigma.to(dtype)  # diag(g) C / sigma
     return m, c.clone()
-
-
-def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _shared(model: torch.nn.Module, param: torch.Tensor, owner: str) -> bool:
@@ -110,20 +107,11 @@ def fold_native(model: torch.nn.Module, sites: list[Site]) -> NativeInfo:
             elif bool(torch.any(extra != 0)):
                 mod.bias = torch.nn.Parameter(extra)
                 info.created_bias.append(r)
-        _set_module(model, s.name, torch.nn.Identity())
+        set_module(model, s.name, torch.nn.Identity())
         info.identity.append(s.name)
     if info.untied:
-        _untie_config(model)
+        mark_untied(model)
     return info
-
-
-def _untie_config(model: torch.nn.Module) -> None:
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        cfg.tie_word_embeddings = False
-        text = getattr(cfg, "get_text_config", lambda: None)()
-        if text is not None:
-            text.tie_word_embeddings = False
 
 
 def _to_dyt(model: torch.nn.Module, name: str, norm: FixedScaleNorm, info: NativeInfo) -> None:
@@ -136,7 +124,7 @@ def _to_dyt(model: torch.nn.Module, name: str, norm: FixedScaleNorm, info: Nativ
             getattr(new, norm.weight_attr).copy_(w)
         if b is not None:
             getattr(new, norm.bias_attr).copy_(b)
-    _set_module(model, name, new)
+    set_module(model, name, new)
     info.dyt[name] = {"size": norm.size, "weight_attr": norm.weight_attr if w is not None else None,
                       "bias_attr": norm.bias_attr if b is not None else None}
 

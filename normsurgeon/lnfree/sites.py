@@ -29,6 +29,7 @@ from normsurgeon.errors import UnsupportedModel
 from normsurgeon.graph.layouts import layout_of
 from normsurgeon.graph.normmap import NormMap, build_norm_map
 from normsurgeon.lnfree.fake_norm import FAMILIES, FixedScaleNorm
+from normsurgeon.module_tree import set_module
 
 V_NAMES = {"v_proj", "value", "v", "wv", "v_lin", "v_linear"}
 ROLES = ("mlp", "attn", "final")
@@ -148,8 +149,7 @@ def install(model: torch.nn.Module, *, mode: str = "fixed", momentum: float = 0.
         p = next(old.parameters(), None)
         if p is not None:
             new.to(p.device)
-        parent, _, child = s.name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        set_module(model, s.name, new)
         if s.role == "attn" and split_qkv:
             _route_values(out, s, new)
         elif s.role == "attn":

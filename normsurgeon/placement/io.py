@@ -151,10 +151,9 @@ def is_placed_folder(ref: str | Path) -> bool:
 
 def load_placed(ref: str | Path):
     """Rebuild a custom placed folder: the source class from its config, the placement, then the weights."""
-    import transformers as T
     from safetensors.torch import load_file
 
-    from normsurgeon.io.loader import LoadedModel
+    from normsurgeon.io.loader import LoadedModel, source_model
     from normsurgeon.placement.family import family_of
     from normsurgeon.placement.runtime import install
 
@@ -163,12 +162,9 @@ def load_placed(ref: str | Path):
     if sec is None:
         raise InputError(f"{path} is not a folder written by `normsurgeon place`")
     cfg = json.loads((path / "config.json").read_text())
+    model = source_model(cfg, sec)
     cfg.pop("normsurgeon")
     cfg["model_type"] = sec["source_model_type"]
-    cls = getattr(T, sec["source_architecture"] or "", None)
-    if cls is None:
-        raise InputError(f"transformers has no class {sec['source_architecture']!r}")
-    model = cls(T.AutoConfig.for_model(**cfg))
     install(model, family_of(model), PlacementSpec(**sec["placement"]), alpha0=sec.get("alpha0", 0.5))
     files = sorted(path.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}

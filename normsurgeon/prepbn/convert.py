@@ -24,6 +24,7 @@ import torch
 from normsurgeon.errors import UnsupportedModel
 from normsurgeon.graph.normmap import build_norm_map
 from normsurgeon.prepbn.repbn import PRepBN
+from normsurgeon.module_tree import set_module
 
 FAMILIES = ("layernorm", "rmsnorm", "rmsnorm_offset")
 
@@ -76,11 +77,6 @@ def find_sites(model: torch.nn.Module, example: dict[str, Any] | None = None) ->
     return sites
 
 
-def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def install_prepbn(model: torch.nn.Module, sites: list[Site], eta: float = 0.0,
                    momentum: float | None = 0.1) -> dict[str, PRepBN]:
     """In place: wrap every site's norm in a ``PRepBN`` (blend weight 1: the model is unchanged in training)."""
@@ -88,6 +84,6 @@ def install_prepbn(model: torch.nn.Module, sites: list[Site], eta: float = 0.0,
     for s in sites:
         old = model.get_submodule(s.name)
         new = PRepBN(old, s.size, eta=eta, momentum=momentum)
-        _set_module(model, s.name, new)
+        set_module(model, s.name, new)
         out[s.name] = new
     return out

@@ -21,8 +21,8 @@ import torch
 
 from normsurgeon import __version__
 from normsurgeon.errors import InputError
-from normsurgeon.io.formats import CUSTOM_PREFIX
-from normsurgeon.prepbn.convert import _set_module
+from normsurgeon.io.formats import CUSTOM_PREFIX, rebuild_structure
+from normsurgeon.io.loader import load_recorded_state, source_model
 
 FORMAT = "prepbn"
 
@@ -84,22 +84,7 @@ def load_prepbn(path: str | Path) -> torch.nn.Module:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
-        cls = getattr(transformers, section["source_architecture"], None)
-        if cls is None:
-            raise InputError(f"transformers has no class {section['source_architecture']!r}")
-        plain = {k: v for k, v in cfg.items() if k != "normsurgeon"}
-        plain["model_type"] = section["source_model_type"]
-        model = cls(transformers.AutoConfig.for_model(**plain))
-    for name in section.get("identity", []):
-        _set_module(model, name, torch.nn.Identity())
-    for name in section.get("created_bias", []):
-        mod = model.get_submodule(name)
-        mod.bias = torch.nn.Parameter(torch.zeros(state[f"{name}.bias"].shape), requires_grad=False)
-    model.to(next(iter(state.values())).dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    buffers = {n for n, _ in model.named_buffers()}
-    missing = [k for k in missing if k not in buffers]
-    if missing or unexpected:
-        raise InputError(f"{path} does not match its recorded structure ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected tensors)")
-    return model.eval()
+        model = source_model(cfg, section)
+    # identity norms and created biases, as every custom normsurgeon output records them
+    rebuild_structure(model, section, {k: tuple(v.shape) for k, v in state.items()})
+    return load_recorded_state(model, state, str(path)).eval()

@@ -26,9 +26,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from normsurgeon.prepbn.convert import Site, _set_module
+from normsurgeon.prepbn.convert import Site
 from normsurgeon.prepbn.repbn import PRepBN, prepbn_modules, set_blend
+from normsurgeon.transforms.apply import mark_untied
 from normsurgeon.transforms.primitives import fold_affine_into_reader
+from normsurgeon.module_tree import set_module
 
 
 @torch.no_grad()
@@ -98,15 +100,10 @@ def fold_sites(model: torch.nn.Module, sites: list[Site]) -> FoldInfo:
             fold_affine_into_reader(reader, layout, scale.to(w.dtype), shift.to(w.dtype), create_bias=True)
             if not had_bias and isinstance(getattr(reader, "bias", None), torch.Tensor):
                 info.created_bias.append(r)
-        _set_module(model, s.name, torch.nn.Identity())
+        set_module(model, s.name, torch.nn.Identity())
         info.identity.append(s.name)
     if info.untied:
-        cfg = getattr(model, "config", None)
-        if cfg is not None:
-            cfg.tie_word_embeddings = False
-            text = getattr(cfg, "get_text_config", lambda: None)()
-            if text is not None:
-                text.tie_word_embeddings = False
+        mark_untied(model)
     return info
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from normsurgeon.errors import InputError
+from normsurgeon.io.checkpoint import SAFETENSORS_INDEX, read_shard_index
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -113,14 +113,7 @@ def read_checkpoint_index(folder: Path) -> CheckpointIndex:
     folder = Path(folder)
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{index.name} is not a valid shard index ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise InputError(f"the shard index names missing files: {', '.join(missing[:3])}")
+        weight_map, files = read_shard_index(folder)
         tensors: dict[str, TensorEntry] = {}
         for f in files:
             entries = read_header(f)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import time
@@ -23,7 +22,7 @@ import torch
 import yaml
 
 from normsurgeon.errors import UsageError, VerificationFailed
-from normsurgeon.io.writer import copy_tagalong_files, parse_size
+from normsurgeon.io.writer import copy_tagalong_files, parse_size, replace_folder
 from normsurgeon.stream.execute import PROGRESS, execute_plan, norm_shifts, partial_folder
 from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming, validate_options
 
@@ -114,7 +113,7 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
         raise VerificationFailed("the converted checkpoint is not equivalent to the source; nothing was "
                                  "written:\n" + to_markdown(report))
     (tmp / PROGRESS).unlink(missing_ok=True)
-    _move_into_place(tmp, out)
+    replace_folder(tmp, out)
     return report
 
 
@@ -169,12 +168,3 @@ def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec) -> dict:
         if stock["status"] != "pass":
             report["status"] = "fail"
     return report
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)

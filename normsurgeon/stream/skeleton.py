@@ -26,13 +26,12 @@ _SMALL = 1 << 16  # parameters up to this many elements are materialised for rea
 
 
 def model_class(config: dict):
-    import transformers
+    from normsurgeon.io.loader import transformers_class
 
+    cls = transformers_class(config)
+    if cls is not None:
+        return cls
     archs = config.get("architectures") or []
-    for arch in archs:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
     if config.get("auto_map"):
         raise UnsupportedModel("streaming conversion does not run remote code; convert in memory with "
                                "--trust-remote-code instead")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from normsurgeon.module_tree import set_module
 from normsurgeon.modules import CRMSNorm, RMSNorm
 from normsurgeon.transforms.plan import RmsPlan
 from normsurgeon.transforms.primitives import (bake_norm_into_table, center_writer, fold_affine_into_reader,
@@ -29,18 +30,20 @@ def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent, child = _parent(model, name)
-    setattr(parent, child, new)
-
-
 def untie_output_embeddings(model: torch.nn.Module, plan: RmsPlan) -> None:
     for reader, _ in plan.untie:
         mod = model.get_submodule(reader)
         mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
-    if plan.untie and getattr(model, "config", None) is not None:
-        model.config.tie_word_embeddings = False
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if plan.untie:
+        mark_untied(model)
+
+
+def mark_untied(model: torch.nn.Module) -> None:
+    """Record in the model's config (and its text sub-config) that input and output embeddings are separate."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.tie_word_embeddings = False
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
         if text is not None:
             text.tie_word_embeddings = False
 
@@ -49,7 +52,7 @@ def bake_embedding_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
     modules = dict(model.named_modules())
     for norm_name, table in plan.bake:
         bake_norm_into_table(modules[table], modules[norm_name])
-        _set_module(model, norm_name, torch.nn.Identity())
+        set_module(model, norm_name, torch.nn.Identity())
 
 
 def fold_norm_affine(model: torch.nn.Module, plan: RmsPlan) -> None:
@@ -91,7 +94,7 @@ def replace_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
             new: torch.nn.Module = CRMSNorm(plan.hidden_size, eps)
         else:
             new = RMSNorm(plan.hidden_size, eps, weight=getattr(old, w_attr, None), bias=getattr(old, b_attr, None))
-        _set_module(model, name, new)
+        set_module(model, name, new)
 
 
 def shrink_residual(model: torch.nn.Module, plan: RmsPlan) -> None:
