@@ -10,14 +10,17 @@ folder and handed to the bridge, so nothing is downloaded. Prints one JSON line.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import sys
 import time
-from pathlib import Path
 
-import torch
+T_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def main() -> None:
@@ -25,6 +28,7 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-eval", action="store_true", help="stop after processing (for whole-process timing)")
     ap.add_argument("--eval-dtype", default=None, help="evaluate processed and reference models in this dtype "
                     "(float64: the processing's own error, without float32 forward round-off)")
     a = ap.parse_args()
@@ -33,10 +37,6 @@ def main() -> None:
     import transformers as T
     from transformer_lens.model_bridge import TransformerBridge
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from normsurgeon.verify.inputs import random_token_batches
-    from normsurgeon.verify.metrics import output_metrics
-
     t0 = time.perf_counter()
     hf = T.GPT2LMHeadModel.from_pretrained(str(a.folder), dtype=dtype).eval()
     bridge = TransformerBridge.boot_transformers(str(a.folder), hf_model=hf, tokenizer=None, dtype=dtype)
@@ -44,6 +44,15 @@ def main() -> None:
     bridge.enable_compatibility_mode()  # fold_ln + center_writing_weights + center_unembed + fold_value_biases
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    timing = {"import_s": round(t0 - T_START, 2), "load_s": round(t1 - t0, 2), "process_s": round(t2 - t1, 2),
+              "total_s": round(t2 - t0, 2)}
+    if a.no_eval:
+        print(json.dumps({"tool": "transformer_lens", "dtype": a.dtype, **timing, "peak_rss_bytes": peak}))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from normsurgeon.verify.inputs import random_token_batches
+    from normsurgeon.verify.metrics import output_metrics
+
     ids = random_token_batches(hf.config.vocab_size, 4, 64, 0)[0]["input_ids"]
     ref_model = T.GPT2LMHeadModel.from_pretrained(str(a.folder), dtype=dtype).eval()
     if a.eval_dtype:
@@ -53,8 +62,8 @@ def main() -> None:
         ref = ref_model(ids).logits
         out = bridge(ids)
     m = output_metrics(ref, out)
-    print(json.dumps({"tool": "transformer_lens", "dtype": a.dtype, "eval_dtype": a.eval_dtype or a.dtype, "load_s": round(t1 - t0, 2),
-                      "process_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "peak_rss_bytes": peak,
+    print(json.dumps({"tool": "transformer_lens", "dtype": a.dtype, "eval_dtype": a.eval_dtype or a.dtype, **timing,
+                      "peak_rss_bytes": peak,
                       "max_abs_logprob": m["max_abs_logprob"], "mean_kl": m["mean_kl"],
                       "top1_agreement": m["top1_agreement_all"]}))
 

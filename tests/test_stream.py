@@ -73,6 +73,16 @@ def test_stream_matches_in_memory_bit_for_bit(family, target, policy, sharded, t
     assert not partial_folder(tmp_path / "stream").exists()
 
 
+def test_direct_and_buffered_writes_give_the_same_files(sharded, tmp_path):
+    src = sharded("gpt2")
+    stream_convert(src, tmp_path / "direct", max_shard_size="30KB", verify="none", direct_io=True)
+    stream_convert(src, tmp_path / "buffered", max_shard_size="30KB", verify="none", direct_io=False)
+    names = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    assert len(names) > 1 and names == sorted(p.name for p in (tmp_path / "buffered").glob("*.safetensors"))
+    for n in names:
+        assert (tmp_path / "direct" / n).read_bytes() == (tmp_path / "buffered" / n).read_bytes(), n
+
+
 def test_stream_bfloat16_and_dtype_cast(sharded, tmp_path):
     src = sharded("gpt2", torch.bfloat16)
     convert(str(src), tmp_path / "mem", run_verify=False)
@@ -82,6 +92,45 @@ def test_stream_bfloat16_and_dtype_cast(sharded, tmp_path):
     convert(str(src32), tmp_path / "mem16", dtype="bfloat16", run_verify=False)
     stream_convert(src32, tmp_path / "s16", dtype="bfloat16", verify="none")
     _same_folder(tmp_path / "mem16", tmp_path / "s16")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "vit"] + ["gptj", "gpt_neo", "gpt_bigcode"])
+def test_probe_with_fewer_tokens_plans_the_same(family, sharded, tmp_path, monkeypatch):
+    """The probe's vocabulary is cut to PROBE_VOCAB (memory); the plan must not change because of it."""
+    import normsurgeon.stream.skeleton as skeleton
+
+    src = sharded(family)
+    full = plan_streaming(src, "rmsnorm", read_shifts=True)
+    monkeypatch.setattr(skeleton, "PROBE_VOCAB", 8)
+    small = plan_streaming(src, "rmsnorm", read_shifts=True)
+    assert full.config["vocab_size"] > 8
+    assert skeleton.probe_model(full.config).get_input_embeddings().weight.shape[0] == max(
+        8, (full.config.get("pad_token_id") or 0) + 1)
+    assert small.fingerprint() == full.fingerprint()
+    assert small.to_dict() == full.to_dict()
+
+
+def test_zero_norm_shifts_are_read_and_folded(tmp_path):
+    """With every LayerNorm shift zero, the conversion reads the shifts and folds ln_f's gain into the
+    bias-less lm_head, which a dry run (headers only, shifts assumed non-zero) must keep on the norm under
+    the stock policy; the result still equals convert()."""
+    model = build("gpt2")
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.bias.zero_()
+    model.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    dry = plan_streaming(tmp_path / "src", "rmsnorm")
+    read = plan_streaming(tmp_path / "src", "rmsnorm", read_shifts=True)
+    assert dry.assumed_nonzero_shifts and not read.assumed_nonzero_shifts
+    folded = lambda p: sum(f.fold_gain for f in p.rms_plan.folds)  # noqa: E731
+    kept = lambda p: [f.norm for f in p.rms_plan.folds if not f.fold_gain]  # noqa: E731
+    assert kept(dry) == ["transformer.ln_f"] and kept(read) == []
+    assert folded(read) == len(read.rms_plan.folds) == folded(dry) + 1
+    convert(str(tmp_path / "src"), tmp_path / "mem", run_verify=False)
+    rep = stream_convert(tmp_path / "src", tmp_path / "stream", verify="whole")
+    assert rep["status"] == "pass" and rep["plan"]["folded_norms"] == folded(read)
+    _same_folder(tmp_path / "mem", tmp_path / "stream")
 
 
 def test_dry_run_plan_accounts_for_every_tensor(sharded):

@@ -1,7 +1,7 @@
 """Run a ``StreamPlan``: one group at a time, one tensor read at a time, written straight into its shard.
 
 The output layout (shards, headers, byte offsets) is fixed by the plan before any weight is read, so
-each finished tensor is written with ``os.pwrite`` at its final offset and nothing accumulates in
+each finished tensor is written at its final offset (``shards.py``) and nothing accumulates in
 memory: the peak is about the largest job (its source tensor, a float64 copy and the output).
 Everything goes to ``.<out>.partial/`` beside the destination; ``progress.json`` there records the
 finished groups, so ``resume=True`` redoes only the rest. The folder is renamed into place at the end:
@@ -15,7 +15,6 @@ The entry point is ``pipeline.stream_convert``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,10 +22,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from normsurgeon.stream.headers import TensorEntry, read_tensor
+from normsurgeon.stream.headers import ShardReader, TensorEntry
 from normsurgeon.stream.plan import CHUNK_BYTES, Job, StreamPlan, row_chunked
-from normsurgeon.stream.shards import (_BackgroundWriter, _nbytes, _open_shards, _pwrite_all, _write_json_atomic,
-                                       layout_shards)
+from normsurgeon.stream.shards import _BackgroundWriter, _nbytes, _write_json_atomic, layout_shards, open_shards
 from normsurgeon.transforms.primitives import (center_tensors, fold_affine_tensors, shrink_reader_tensor,
                                                shrink_writer_tensors)
 
@@ -39,12 +37,15 @@ F64 = torch.float64
 # ----------------------------------------------------------------------------------------------
 
 class _Reader:
-    def __init__(self, plan: StreamPlan):
+    """Checkpoint tensors by name, in the dtype ``from_pretrained`` would load them in."""
+
+    def __init__(self, plan: StreamPlan, files: ShardReader):
         self.plan = plan
+        self.files = files
         self.cache: dict[str, torch.Tensor] = {}  # small norm vectors, float64
 
     def raw(self, name: str) -> torch.Tensor:
-        t = read_tensor(self.plan.checkpoint.tensors[name])
+        t = self.files.read(self.plan.checkpoint.tensors[name])
         # from_pretrained loads every float tensor in the model dtype; the in-memory path then upcasts.
         return t.to(self.plan.model_dtype) if t.dtype.is_floating_point else t
 
@@ -117,7 +118,7 @@ def run_job_chunked(job: Job, plan: StreamPlan, reader: _Reader, write: Callable
         r1 = min(rows, r0 + step)
         part = TensorEntry(entry.name, entry.file, entry.dtype, (r1 - r0,) + entry.shape[1:],
                            entry.start + r0 * row_in, (r1 - r0) * row_in)
-        t = read_tensor(part)
+        t = reader.files.read(part)
         if t.is_floating_point():
             t = t.to(plan.model_dtype)
         if job.ops:
@@ -144,12 +145,6 @@ def run_job_chunked(job: Job, plan: StreamPlan, reader: _Reader, write: Callable
         write(b_out.name, b.to(b_out.dtype), 0)
 
 
-def norm_shifts(plan: StreamPlan) -> dict[str, bool]:
-    """Read every pre/final norm's shift (a few KB) and say which are non-zero."""
-    reader = _Reader(plan)
-    return {n: bool(torch.any(reader.f64(src) != 0)) for n, src in plan.norm_biases.items()}
-
-
 # ----------------------------------------------------------------------------------------------
 # Staging, progress and resume
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +155,11 @@ def partial_folder(out: Path) -> Path:
 
 def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: dict[str, str], resume: bool,
                  status: Callable[[str], None] = lambda s: None,
-                 on_group_done: Callable[[str], None] | None = None) -> dict:
-    """Write every output tensor of ``plan`` into ``tmp``; skip groups ``progress.json`` lists as done."""
+                 on_group_done: Callable[[str], None] | None = None, direct: bool = True) -> dict:
+    """Write every output tensor of ``plan`` into ``tmp``; skip groups ``progress.json`` lists as done.
+
+    ``direct``: write the shards with ``O_DIRECT`` where the file system allows it.
+    """
     layouts = layout_shards(plan.outputs, max_shard_bytes, metadata)
     where = {name: (s.name, off) for s in layouts for name, off in s.offsets.items()}
     fingerprint = plan.fingerprint()
@@ -175,8 +173,9 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
             status("the partial output is from a different plan: starting over")
     fresh = not done
     already = len(done)
-    fds = _open_shards(tmp, layouts, fresh)
-    reader = _Reader(plan)
+    shard_files = open_shards(tmp, layouts, fresh, direct)
+    files = ShardReader()
+    reader = _Reader(plan, files)
     t_math = t_write = 0.0
     written = 0
 
@@ -184,7 +183,7 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
         nonlocal written
         shard, off = where[name]
         data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        _pwrite_all(fds[shard], memoryview(data), off + rel)
+        shard_files[shard].write(memoryview(data), off + rel)
         written += t.numel() * t.element_size()
 
     writer = _BackgroundWriter(write)
@@ -208,6 +207,8 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
                 t_math += t1 - t0
                 t_write += time.perf_counter() - t1
             writer.drain()  # a group counts as done only once all its bytes are written
+            for f in shard_files.values():
+                f.flush()
             done.append(group.name)
             _write_json_atomic(progress_path, {"fingerprint": fingerprint, "max_shard_bytes": max_shard_bytes,
                                                "done": done})
@@ -216,8 +217,9 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
         writer.drain()
     finally:
         writer.close()
-        for fd in fds.values():
-            os.close(fd)
+        files.close()
+        for f in shard_files.values():
+            f.close()
     if len(layouts) > 1:
         total = sum(_nbytes(o) for o in plan.outputs)
         index = {"metadata": {"total_size": total}, "weight_map": {k: v[0] for k, v in where.items()}}

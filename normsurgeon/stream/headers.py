@@ -138,20 +138,44 @@ def read_checkpoint_index(folder: Path) -> CheckpointIndex:
     return CheckpointIndex(folder, files, tensors)
 
 
-def read_tensor(entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor with ``os.pread`` into fresh memory (the file is not mapped)."""
-    buf = bytearray(entry.nbytes)
-    fd = os.open(entry.file, os.O_RDONLY)
-    try:
-        view = memoryview(buf)
+class ShardReader:
+    """Reads tensors with ``os.preadv`` into fresh memory (files are not mapped), keeping each file open.
+
+    Use as a context manager; ``read_tensor`` is the one-shot form.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        fd = self._fds.get(entry.file)
+        if fd is None:
+            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        raw = torch.empty(entry.nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read below
+        view = memoryview(raw.numpy())
         done = 0
         while done < entry.nbytes:
             n = os.preadv(fd, [view[done:]], entry.start + done)
             if n <= 0:
                 raise InputError(f"{entry.file.name}: unexpected end of file reading {entry.name}")
             done += n
-    finally:
-        os.close(fd)
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buf, dtype=entry.dtype).view(entry.shape)
+        return raw.view(entry.dtype).view(entry.shape)
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor into fresh memory (see ``ShardReader``)."""
+    with ShardReader() as reader:
+        return reader.read(entry)

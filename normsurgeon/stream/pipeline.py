@@ -23,18 +23,20 @@ import yaml
 
 from normsurgeon.errors import UsageError, VerificationFailed
 from normsurgeon.io.writer import copy_tagalong_files, parse_size, replace_folder
-from normsurgeon.stream.execute import PROGRESS, execute_plan, norm_shifts, partial_folder
+from normsurgeon.stream.execute import PROGRESS, execute_plan, partial_folder
 from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming, validate_options
 
 def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", bias_policy: str | None = None,
                    dtype: str | None = None, max_shard_size: str | int = "5GB", max_memory: str | int | None = None,
                    resume: bool = False, overwrite: bool = False, verify: str = "auto",
                    status: Callable[[str], None] = lambda s: None,
-                   on_group_done: Callable[[str], None] | None = None) -> dict:
+                   on_group_done: Callable[[str], None] | None = None, direct_io: bool = True) -> dict:
     """Convert the safetensors folder ``source`` group by group and write it to ``out``; return the report.
 
     ``verify``: "auto" (whole-model when both models fit in memory, else layer by layer), "whole",
     "layerwise" or "none". ``max_memory`` refuses (exit 6) a plan whose estimated peak is above it.
+    ``direct_io``: write the shards with ``O_DIRECT`` where the file system allows it (past the page
+    cache; ``stream/direct_writer.py``), else through the page cache.
     """
     from normsurgeon.convert import _config_json, _versions, parse_dtype
     from normsurgeon.recipes import recipe_for_target
@@ -54,11 +56,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     budget = parse_size(max_memory) if max_memory is not None else None
     max_bytes = parse_size(max_shard_size)
 
-    status("planning from config.json and the safetensors headers")
-    draft = plan_streaming(source, to, policy, parse_dtype(dtype))
-    check_budget(draft, budget)
-    status("reading the norm shifts")
-    plan = plan_streaming(source, to, policy, parse_dtype(dtype), shifts=norm_shifts(draft))
+    status("planning from config.json, the safetensors headers and the norm shifts")
+    plan = plan_streaming(source, to, policy, parse_dtype(dtype), read_shifts=True)
     check_budget(plan, budget)
     t_plan = time.perf_counter() - t0
 
@@ -67,7 +66,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        stats = execute_plan(plan, tmp, max_bytes, {"normsurgeon_recipe": rec.name}, resume, status, on_group_done)
+        stats = execute_plan(plan, tmp, max_bytes, {"normsurgeon_recipe": rec.name}, resume, status, on_group_done,
+                             direct=direct_io)
     except KeyboardInterrupt:
         status(f"interrupted: the partial output stays in {tmp}; run again with --resume to finish it")
         raise

@@ -28,7 +28,7 @@ import torch
 from normsurgeon.errors import InputError, UnsupportedModel, UsageError
 from normsurgeon.graph.normmap import build_norm_map
 from normsurgeon.io.checkpoint import read_config
-from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index
+from normsurgeon.stream.headers import CheckpointIndex, ShardReader, read_checkpoint_index
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, probe_model, split_block
 from normsurgeon.transforms.plan import RmsPlan, decide_fold, plan_rms_conversion
 
@@ -239,11 +239,13 @@ def source_dtype(config: dict, index: CheckpointIndex) -> torch.dtype:
 
 def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str = "stock",
                    dtype: torch.dtype | None = None, probe_layers: int = 2,
-                   shifts: dict[str, bool] | None = None) -> StreamPlan:
+                   shifts: dict[str, bool] | None = None, read_shifts: bool = False) -> StreamPlan:
     """Plan the conversion of the safetensors folder ``source`` from its headers and config.
 
-    ``shifts`` (norm name -> its shift is non-zero) comes from the executor, which reads the norm
-    shifts (a few KB); without it every shift is assumed non-zero, as in ``--dry-run``.
+    Which norms fold their shift depends on whether the shift is zero. ``read_shifts=True`` reads the
+    pre/final norm shifts from the checkpoint (a few KB) and decides on their values, as the conversion
+    does; ``shifts`` (norm name -> non-zero) gives the answer directly; with neither every shift is
+    assumed non-zero and no weight is read, as in ``--dry-run``.
     """
     source = Path(source)
     if not source.is_dir():
@@ -293,6 +295,9 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
                               "attrs": {"weight_attr": f.weight_attr, "bias_attr": f.bias_attr}}
             if info.kind.has_bias and f"{fn}.{f.bias_attr}" in params:
                 norm_biases[fn] = src_of(f"{fn}.{f.bias_attr}")
+    model_dtype = source_dtype(config, index)
+    if shifts is None and read_shifts:
+        shifts = _read_shifts(norm_biases, index, model_dtype)
     assumed = shifts is None
     shifts = shifts or {n: n in norm_biases for n in fold_facts}
     folds, created, kept_shift, kept_gain = [], [], [], []
@@ -325,13 +330,19 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
                                        "torch.nn.LayerNorm only; convert in memory")
             norm_params[fn] = {k: src_of(f"{fn}.{k}") if f"{fn}.{k}" in params else None for k in ("weight", "bias")}
             norm_params[fn]["eps"] = float(eps_of[pn])
-    model_dtype = source_dtype(config, index)
     out_dtype = dtype or model_dtype
     jobs = _jobs(full, plan, state_names, src_of, index, renames, out_dtype)
     inventory = _inventory(jobs, index, renames, plan, full)
     groups = _groups(jobs, block_lists(full), state_names, index, out_dtype)
     return StreamPlan(source, config, type(full).__name__, target, policy, out_dtype, plan, groups, inventory,
                       assumed, index, norm_biases, fold_facts, norm_params, model_dtype)
+
+
+def _read_shifts(norm_biases: dict[str, str], index: CheckpointIndex, model_dtype: torch.dtype) -> dict[str, bool]:
+    """norm name -> its shift is non-zero, read in the dtype ``from_pretrained`` would load it in."""
+    with ShardReader() as reader:
+        return {n: bool(torch.any(reader.read(index.tensors[src]).to(model_dtype) != 0))
+                for n, src in norm_biases.items()}
 
 
 def _jobs(full, plan: RmsPlan, state_names, src_of, index, renames, out_dtype) -> list[Job]:
@@ -515,7 +526,7 @@ def _groups(jobs: list[Job], lists: dict[str, int], state_names: list[str], inde
     return groups
 
 
-CHUNK_BYTES = 64 * 2**20  # float64 working set of one row chunk
+CHUNK_BYTES = 16 * 2**20  # float64 working set of one row chunk
 
 
 def row_chunked(job: Job) -> bool:

@@ -1,5 +1,6 @@
-"""The output shards of a streaming conversion: byte layout fixed before any weight is read, pwrite at
-planned offsets, and a background writer thread so disk writes overlap the next tensor's read and math.
+"""The output shards of a streaming conversion: byte layout fixed before any weight is read, writes at
+planned offsets (``O_DIRECT`` where possible, see ``direct_writer.py``), and a background writer thread
+so disk writes overlap the next tensor's read and math.
 
 >>> from normsurgeon.stream.plan import Output
 >>> import torch
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from normsurgeon.stream.direct_writer import BufferedFile, DirectFile, open_direct
 from normsurgeon.stream.headers import DTYPE_CODES
 from normsurgeon.stream.plan import Output
 
@@ -75,23 +77,21 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _open_shards(tmp: Path, layouts: list[ShardLayout], fresh: bool) -> dict[str, int]:
-    fds = {}
+def open_shards(tmp: Path, layouts: list[ShardLayout], fresh: bool, direct: bool = True
+                ) -> dict[str, DirectFile | BufferedFile]:
+    """One writable file per shard, sized, with its header written when ``fresh``.
+
+    ``direct``: write with ``O_DIRECT`` where the file system allows it (``direct_writer.py``).
+    """
+    files: dict[str, DirectFile | BufferedFile] = {}
     for s in layouts:
         path = tmp / s.name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        f = open_direct(path, s.size, fresh) if direct else None
+        f = f or BufferedFile(path, s.size, fresh)
         if fresh:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, s.header, 0)
-            os.ftruncate(fd, s.size)
-        fds[s.name] = fd
-    return fds
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+            f.write(memoryview(s.header), 0)
+        files[s.name] = f
+    return files
 
 
 class _BackgroundWriter:

@@ -1,7 +1,8 @@
 """Models without weights: the full model on ``meta`` (names, shapes, tying) and a shallow *probe* to trace.
 
-The probe has the source's widths but only ``probe_layers`` blocks, and its large parameters are
-stride-0 views of one random row, so tracing a 13B-shaped probe costs a few hundred MB, not 50 GB.
+The probe has the source's widths but only ``probe_layers`` blocks and at most ``PROBE_VOCAB`` tokens,
+and its large parameters are stride-0 views of one random row, so tracing a 13B-shaped probe costs a few
+hundred MB, not 50 GB.
 Small parameters (norms, biases) are real random tensors, non-zero, so the plan made on the probe
 assumes every norm shift is non-zero (the executor re-decides with the checkpoint's values).
 
@@ -15,6 +16,7 @@ assumes every norm shift is non-zero (the executor re-decides with the checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 
@@ -23,6 +25,7 @@ import torch
 from normsurgeon.errors import InputError, UnsupportedModel
 
 _SMALL = 1 << 16  # parameters up to this many elements are materialised for real in the probe
+PROBE_VOCAB = 2048  # the probe's vocabulary when the source's is larger
 
 
 def model_class(config: dict):
@@ -52,21 +55,30 @@ def hf_config(config: dict):
         raise InputError(f"cannot build the {model_type} config: {e}") from None
 
 
-def _build(config_obj, cls) -> torch.nn.Module:
+def _build(config_obj, cls, initialise: bool = True) -> torch.nn.Module:
     from accelerate import init_empty_weights
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), (contextlib.nullcontext() if initialise else _no_init()):
             model = cls(config_obj)
         if hasattr(model, "tie_weights"):  # accelerate's meta init re-creates tied parameters: tie them again
             model.tie_weights()
     return model.eval()
 
 
+def _no_init():
+    """Skip weight initialisation (it only draws random numbers on ``meta``); a no-op where unavailable."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def meta_model(config: dict) -> torch.nn.Module:
-    """The full model with every parameter on ``meta`` (buffers real): names, shapes and tying only."""
-    return _build(hf_config(config), model_class(config))
+    """The full model with every parameter on ``meta``: names, shapes and tying only (buffer values unused)."""
+    return _build(hf_config(config), model_class(config), initialise=False)
 
 
 def probe_model(config: dict, probe_layers: int = 2, seed: int = 0) -> torch.nn.Module:
@@ -75,6 +87,13 @@ def probe_model(config: dict, probe_layers: int = 2, seed: int = 0) -> torch.nn.
     layers = getattr(cfg, "num_hidden_layers", None)
     if isinstance(layers, int) and layers > probe_layers:
         cfg.num_hidden_layers = probe_layers
+    vocab = getattr(cfg, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > PROBE_VOCAB:
+        # The token tables are read through F.embedding/F.linear, which copy a stride-0 weight into a
+        # real one: at full vocabulary that is vocab x d floats (1 GB for OPT-13B) for nothing. Plans
+        # do not depend on the vocabulary size (names and roles only); the padding id must stay valid.
+        pad = getattr(cfg, "pad_token_id", None)
+        cfg.vocab_size = max(PROBE_VOCAB, pad + 1 if isinstance(pad, int) else 0)
     model = _build(cfg, model_class(config))
     gen = torch.Generator().manual_seed(seed)
     owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
