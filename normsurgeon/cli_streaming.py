@@ -38,7 +38,8 @@ def print_plan(d: dict, console) -> None:
     console.print(t)
     mem = d["memory"]
     console.print(f"estimated peak memory: [bold]{_human(mem['peak_bytes'])}[/] (largest group {mem['largest_group']}, "
-                  f"+{_human(mem['baseline_bytes'])} baseline)", highlight=False)
+                  f"+{_human(mem['baseline_bytes'])} baseline, +{_human(mem['pipeline_bytes'])} read ahead / "
+                  "waiting to be written)", highlight=False)
     if d["assumed_nonzero_shifts"]:
         console.print("note: planned from headers only, assuming every norm shift is non-zero (the conversion "
                       "reads the shifts and may fold more)", highlight=False)

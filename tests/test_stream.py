@@ -75,12 +75,15 @@ def test_stream_matches_in_memory_bit_for_bit(family, target, policy, sharded, t
 
 def test_direct_and_buffered_writes_give_the_same_files(sharded, tmp_path):
     src = sharded("gpt2")
-    stream_convert(src, tmp_path / "direct", max_shard_size="30KB", verify="none", direct_io=True)
-    stream_convert(src, tmp_path / "buffered", max_shard_size="30KB", verify="none", direct_io=False)
+    d = stream_convert(src, tmp_path / "direct", max_shard_size="30KB", verify="none", direct_io=True)
+    b = stream_convert(src, tmp_path / "buffered", max_shard_size="30KB", verify="none", direct_io=False)
+    assert b["streaming"]["direct_io"] is False
     names = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
     assert len(names) > 1 and names == sorted(p.name for p in (tmp_path / "buffered").glob("*.safetensors"))
     for n in names:
         assert (tmp_path / "direct" / n).read_bytes() == (tmp_path / "buffered" / n).read_bytes(), n
+    if not d["streaming"]["direct_io"]:
+        pytest.skip("this file system refuses O_DIRECT: both runs wrote through the page cache")
 
 
 def test_stream_bfloat16_and_dtype_cast(sharded, tmp_path):

@@ -37,33 +37,22 @@ from normsurgeon.train.checkpoint import latest_checkpoint
 from normsurgeon.train.data import check_lengths, heldout_windows, load_token_data, tokenizer_for
 from normsurgeon.train.evaluate import heldout_loss
 from normsurgeon.train.loop import TrainHooks, make_accelerator, train
+from normsurgeon.train.options import TrainingRunOptions
 from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, output_metrics
 
 TARGETS = ("fixed", "dyt")
 
 
 @dataclasses.dataclass
-class RemoveLnOptions:
-    """Everything ``remove_ln`` needs besides the model and the output folder."""
+class RemoveLnOptions(TrainingRunOptions):
+    """Everything ``remove_ln`` needs besides the model and the output folder (shared fields: ``TrainingRunOptions``)."""
 
-    data: str | None = None
-    finetune: bool = False
     to: str = "fixed"  # "fixed" (fixed-scale, Heimersheim 2024) | "dyt" (Dynamic Tanh)
     recipe: str | Path = "remove-ln-tiny"
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig fields
     kl_weight: float | None = None
     uniform_scale_weight: float | None = None
     control: bool = False
     split_qkv: bool = True
-    tokenizer: str | None = None
-    text_field: str = "text"
-    checkpoint_dir: Path | None = None
-    resume: bool = False
-    stop_after: int | None = None
-    progress: bool = False
-    overwrite: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
 
 
 def resolve_recipe(opts: RemoveLnOptions) -> RemoveLnRecipe:

@@ -27,6 +27,7 @@ from normsurgeon.prepbn.convert import find_sites, install_prepbn
 from normsurgeon.prepbn.export import FORMAT, load_prepbn, output_config
 from normsurgeon.prepbn.fold import finish_blend, fold_sites, recalibrate
 from normsurgeon.prepbn.schedule import BlendSchedule
+from normsurgeon.train.options import TrainingRunOptions
 
 SCHEMA = "normsurgeon.prepbn/1"
 VISION, TEXT = "image-classification", "causal-lm"
@@ -37,26 +38,14 @@ VISION_DEFAULTS = {"steps": 300, "lr": 5e-4, "warmup_steps": 10, "weight_decay":
 
 
 @dataclasses.dataclass
-class PRepBNOptions:
-    """Everything ``run_prepbn`` needs besides the model and the output folder."""
+class PRepBNOptions(TrainingRunOptions):
+    """Everything ``run_prepbn`` needs besides the model and the output folder (shared fields: ``TrainingRunOptions``)."""
 
-    data: str | None = None
-    finetune: bool = False
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig fields
     blend_warmup: int | None = None  # default 10 % of the steps
     blend_steps: int | None = None  # default 60 % of the steps
     r0: float = 1.0
     eta: float = 0.0  # initial RepBN eta
     recalib_batches: int = 20
-    tokenizer: str | None = None
-    text_field: str = "text"
-    checkpoint_dir: Path | None = None
-    resume: bool = False
-    stop_after: int | None = None
-    progress: bool = False
-    overwrite: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
 
 
 def task_of(model: torch.nn.Module) -> str:

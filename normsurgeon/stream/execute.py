@@ -14,6 +14,7 @@ The entry point is ``pipeline.stream_convert``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from normsurgeon.stream.direct_writer import DirectFile
 from normsurgeon.stream.headers import ShardReader, TensorEntry
 from normsurgeon.stream.plan import CHUNK_BYTES, Job, StreamPlan, row_chunked
-from normsurgeon.stream.shards import _BackgroundWriter, _nbytes, _write_json_atomic, layout_shards, open_shards
+from normsurgeon.stream.prefetch import Prefetcher
+from normsurgeon.stream.shards import _BackgroundWriter, output_nbytes, _write_json_atomic, layout_shards, open_shards
 from normsurgeon.transforms.primitives import (center_tensors, fold_affine_tensors, shrink_reader_tensor,
                                                shrink_writer_tensors)
 
@@ -37,15 +40,20 @@ F64 = torch.float64
 # ----------------------------------------------------------------------------------------------
 
 class _Reader:
-    """Checkpoint tensors by name, in the dtype ``from_pretrained`` would load them in."""
+    """Checkpoint tensors by name, in the dtype ``from_pretrained`` would load them in; whole tensors come
+    from the prefetcher when it has read them ahead."""
 
-    def __init__(self, plan: StreamPlan, files: ShardReader):
+    def __init__(self, plan: StreamPlan, files: ShardReader, prefetch: Prefetcher | None = None):
         self.plan = plan
         self.files = files
+        self.prefetch = prefetch
         self.cache: dict[str, torch.Tensor] = {}  # small norm vectors, float64
 
     def raw(self, name: str) -> torch.Tensor:
-        t = self.files.read(self.plan.checkpoint.tensors[name])
+        entry = self.plan.checkpoint.tensors[name]
+        t = self.prefetch.take(entry) if self.prefetch is not None else None
+        if t is None:
+            t = self.files.read(entry)
         # from_pretrained loads every float tensor in the model dtype; the in-memory path then upcasts.
         return t.to(self.plan.model_dtype) if t.dtype.is_floating_point else t
 
@@ -104,6 +112,20 @@ def run_job(job: Job, plan: StreamPlan, reader: _Reader) -> dict[str, torch.Tens
     return res
 
 
+def job_reads(job: Job, plan: StreamPlan) -> list[TensorEntry]:
+    """The whole checkpoint tensors ``run_job`` reads for ``job``, in its order (norm vectors, read once
+    and cached, and row-chunked jobs are left out)."""
+    if row_chunked(job):
+        return []
+    if not job.ops or job.ops[0][0] == "norm_reset":
+        reset = job.ops[0] if job.ops else ("norm_reset", False, False)
+        names = [o.source for o in job.outputs if not (o.role == "norm_weight" and reset[1])
+                 and not (o.role == "norm_bias" and reset[2])]
+    else:
+        names = [o.source for o in job.outputs[:2]]
+    return [plan.checkpoint.tensors[n] for n in names if n is not None]
+
+
 def run_job_chunked(job: Job, plan: StreamPlan, reader: _Reader, write: Callable[[str, torch.Tensor, int], None]
                     ) -> None:
     """A row-chunked job (``plan.row_chunked``): read, transform and write ``rows`` rows at a time."""
@@ -113,7 +135,7 @@ def run_job_chunked(job: Job, plan: StreamPlan, reader: _Reader, write: Callable
     row_in = entry.nbytes // rows
     cols = entry.numel // rows
     step = max(1, CHUNK_BYTES // (8 * cols))
-    out_row = _nbytes(w_out) // rows
+    out_row = output_nbytes(w_out) // rows
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         part = TensorEntry(entry.name, entry.file, entry.dtype, (r1 - r0,) + entry.shape[1:],
@@ -174,8 +196,8 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
     fresh = not done
     already = len(done)
     shard_files = open_shards(tmp, layouts, fresh, direct)
+    direct_used = all(isinstance(f, DirectFile) for f in shard_files.values())
     files = ShardReader()
-    reader = _Reader(plan, files)
     t_math = t_write = 0.0
     written = 0
 
@@ -186,6 +208,20 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
         shard_files[shard].write(memoryview(data), off + rel)
         written += t.numel() * t.element_size()
 
+    def finish_group(name: str) -> None:
+        """On the writer thread, after the group's last write: a group counts as done only once all its
+        bytes are in the files."""
+        for f in shard_files.values():
+            f.flush()
+        done.append(name)
+        _write_json_atomic(progress_path, {"fingerprint": fingerprint, "max_shard_bytes": max_shard_bytes,
+                                           "done": done})
+        if on_group_done is not None:
+            on_group_done(name)
+
+    todo = [g for g in plan.groups if g.name not in done]
+    prefetch = Prefetcher([e for g in todo for j in g.jobs for e in job_reads(j, plan)], plan.prefetch_bytes)
+    reader = _Reader(plan, files, prefetch)
     writer = _BackgroundWriter(write)
     try:
         _write_json_atomic(progress_path, {"fingerprint": fingerprint, "max_shard_bytes": max_shard_bytes,
@@ -206,25 +242,19 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
                 del tensors
                 t_math += t1 - t0
                 t_write += time.perf_counter() - t1
-            writer.drain()  # a group counts as done only once all its bytes are written
-            for f in shard_files.values():
-                f.flush()
-            done.append(group.name)
-            _write_json_atomic(progress_path, {"fingerprint": fingerprint, "max_shard_bytes": max_shard_bytes,
-                                               "done": done})
-            if on_group_done is not None:
-                on_group_done(group.name)
+            writer.call(functools.partial(finish_group, group.name))
         writer.drain()
     finally:
         writer.close()
+        prefetch.close()
         files.close()
         for f in shard_files.values():
             f.close()
     if len(layouts) > 1:
-        total = sum(_nbytes(o) for o in plan.outputs)
+        total = sum(output_nbytes(o) for o in plan.outputs)
         index = {"metadata": {"total_size": total}, "weight_map": {k: v[0] for k, v in where.items()}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return {"shards": [s.name for s in layouts], "bytes_written": written, "read_and_math_s": round(t_math, 3),
-            "write_wait_s": round(t_write, 3), "resumed_groups": already}
+            "write_wait_s": round(t_write, 3), "resumed_groups": already, "direct_io": direct_used}
 
 

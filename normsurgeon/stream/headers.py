@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -33,6 +34,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+_MAP_BYTES = 1 << 20  # tensors this large are read into their own anonymous memory map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +143,15 @@ def read_checkpoint_index(folder: Path) -> CheckpointIndex:
 class ShardReader:
     """Reads tensors with ``os.preadv`` into fresh memory (files are not mapped), keeping each file open.
 
-    Use as a context manager; ``read_tensor`` is the one-shot form.
+    Use as a context manager; ``read_tensor`` is the one-shot form. ``own_maps``: read each tensor of
+    1 MiB or more into its own anonymous memory map, unmapped when the tensor dies. For a reader on a
+    second thread: a buffer malloc'ed there and freed on the main thread stays in that thread's malloc
+    arena and inflates the resident set.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, own_maps: bool = False) -> None:
         self._fds: dict[Path, int] = {}
+        self.own_maps = own_maps
 
     def __enter__(self) -> "ShardReader":
         return self
@@ -164,8 +170,13 @@ class ShardReader:
             fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        raw = torch.empty(entry.nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read below
-        view = memoryview(raw.numpy())
+        if self.own_maps and entry.nbytes >= _MAP_BYTES:
+            buf = mmap.mmap(-1, entry.nbytes)
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
+            view = memoryview(buf)
+        else:
+            raw = torch.empty(entry.nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read below
+            view = memoryview(raw.numpy())
         done = 0
         while done < entry.nbytes:
             n = os.preadv(fd, [view[done:]], entry.start + done)

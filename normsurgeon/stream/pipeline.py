@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import time
@@ -30,13 +31,14 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
                    dtype: str | None = None, max_shard_size: str | int = "5GB", max_memory: str | int | None = None,
                    resume: bool = False, overwrite: bool = False, verify: str = "auto",
                    status: Callable[[str], None] = lambda s: None,
-                   on_group_done: Callable[[str], None] | None = None, direct_io: bool = True) -> dict:
+                   on_group_done: Callable[[str], None] | None = None, direct_io: bool | None = None) -> dict:
     """Convert the safetensors folder ``source`` group by group and write it to ``out``; return the report.
 
     ``verify``: "auto" (whole-model when both models fit in memory, else layer by layer), "whole",
     "layerwise" or "none". ``max_memory`` refuses (exit 6) a plan whose estimated peak is above it.
     ``direct_io``: write the shards with ``O_DIRECT`` where the file system allows it (past the page
-    cache; ``stream/direct_writer.py``), else through the page cache.
+    cache; ``stream/direct_writer.py``), else through the page cache; None: on unless the environment
+    sets ``NORMSURGEON_DIRECT_IO=0``.
     """
     from normsurgeon.convert import _config_json, _versions, parse_dtype
     from normsurgeon.recipes import recipe_for_target
@@ -44,6 +46,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
 
     t0 = time.perf_counter()
     source, out = Path(source), Path(out)
+    if direct_io is None:
+        direct_io = os.environ.get("NORMSURGEON_DIRECT_IO", "1") != "0"
     rec = recipe_for_target(to)
     policy = bias_policy or rec.bias_policy
     validate_options(to, policy)
@@ -99,6 +103,7 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
         "streaming": {"groups": len(plan.groups), "resumed_groups": stats["resumed_groups"],
                       "estimated_peak_bytes": plan.peak_bytes, "peak_rss_bytes": peak,
                       "checkpoint_bytes": plan.checkpoint.total_bytes, "bytes_written": stats["bytes_written"],
+                      "direct_io": stats["direct_io"],
                       "verify_mode": mode},
     })
     report.setdefault("source", {"ref": str(source)})

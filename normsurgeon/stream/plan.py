@@ -104,8 +104,25 @@ class StreamPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """Estimated peak resident memory of the conversion: the largest job plus the baseline."""
-        return BASELINE_BYTES + max((g.peak_bytes for g in self.groups), default=0)
+        """Estimated peak resident memory: the baseline, the largest job, and the pipeline around it."""
+        return BASELINE_BYTES + max((g.peak_bytes for g in self.groups), default=0) + self.pipeline_bytes
+
+    @property
+    def prefetch_bytes(self) -> int:
+        """How far the prefetcher reads ahead: the largest whole tensor read, at most ``PREFETCH_BYTES``
+        (it always holds at least one tensor): about one job ahead, whatever the model's size."""
+        reads = [self.checkpoint.tensors[o.source].nbytes for j in self.jobs if not row_chunked(j)
+                 for o in j.outputs if o.source]
+        return min(PREFETCH_BYTES, max(reads, default=0))
+
+    @property
+    def pipeline_bytes(self) -> int:
+        """Tensors read ahead (at most one beyond ``prefetch_bytes``) and finished tensors waiting for the
+        writer (``WRITE_DEPTH`` + 1 of the largest output)."""
+        whole = [j for j in self.jobs if not row_chunked(j)]
+        reads = [self.checkpoint.tensors[o.source].nbytes for j in whole for o in j.outputs if o.source]
+        outs = [output_nbytes(o) for j in whole for o in j.outputs] + [CHUNK_BYTES // 2]
+        return self.prefetch_bytes + max(reads, default=0) + (WRITE_DEPTH + 1) * max(outs)
 
     def fingerprint(self) -> str:
         """Changes when the source files, the options or the job list change (guards --resume)."""
@@ -126,12 +143,21 @@ class StreamPlan:
             "groups": [{"name": g.name, "jobs": len(g.jobs), "read_bytes": g.read_bytes, "peak_bytes": g.peak_bytes,
                         "tensors": {o.name: _describe(j, o) for j in g.jobs for o in j.outputs}} for g in self.groups],
             "memory": {"peak_bytes": self.peak_bytes, "baseline_bytes": BASELINE_BYTES,
+                       "pipeline_bytes": self.pipeline_bytes,
                        "largest_group": max(self.groups, key=lambda g: g.peak_bytes).name if self.groups else None},
             "plan": {"untied": [r for r, _ in self.rms_plan.untie], "baked": [n for n, _ in self.rms_plan.bake],
                      "centred_writers": len(self.rms_plan.center),
                      "folded_norms": sum(f.fold_gain for f in self.rms_plan.folds),
                      "created_bias": sorted(set(self.rms_plan.created_bias)), "notes": self.rms_plan.notes},
         }
+
+
+def output_nbytes(o: Output) -> int:
+    """Bytes of one output tensor."""
+    n = 1
+    for d in o.shape:
+        n *= d
+    return n * torch.empty(0, dtype=o.dtype).element_size()
 
 
 def _describe(job: Job, out: Output) -> str:
@@ -527,6 +553,8 @@ def _groups(jobs: list[Job], lists: dict[str, int], state_names: list[str], inde
 
 
 CHUNK_BYTES = 16 * 2**20  # float64 working set of one row chunk
+PREFETCH_BYTES = 512 * 2**20  # at most this much read ahead and not yet used (at least one tensor)
+WRITE_DEPTH = 2  # finished tensors queued for the writer thread (plus the one being written)
 
 
 def row_chunked(job: Job) -> bool:
@@ -564,7 +592,8 @@ def check_budget(plan: StreamPlan, max_memory: int | None) -> None:
     if max_memory is not None and plan.peak_bytes > max_memory:
         g = max(plan.groups, key=lambda g: g.peak_bytes)
         raise ResourceError(f"the conversion needs about {plan.peak_bytes / 2**30:.2f} GiB (largest group {g.name}: "
-                            f"{g.peak_bytes / 2**30:.2f} GiB + {BASELINE_BYTES / 2**30:.2f} GiB baseline), above "
+                            f"{g.peak_bytes / 2**30:.2f} GiB + {BASELINE_BYTES / 2**30:.2f} GiB baseline + "
+                            f"{plan.pipeline_bytes / 2**30:.2f} GiB read ahead / waiting to be written), above "
                             f"--max-memory {max_memory / 2**30:.2f} GiB")
 
 

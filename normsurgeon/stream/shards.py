@@ -21,7 +21,7 @@ import torch
 
 from normsurgeon.stream.direct_writer import BufferedFile, DirectFile, open_direct
 from normsurgeon.stream.headers import DTYPE_CODES
-from normsurgeon.stream.plan import Output
+from normsurgeon.stream.plan import WRITE_DEPTH, Output, output_nbytes
 
 
 @dataclasses.dataclass
@@ -32,19 +32,12 @@ class ShardLayout:
     size: int
 
 
-def _nbytes(o: Output) -> int:
-    n = 1
-    for s in o.shape:
-        n *= s
-    return n * torch.empty(0, dtype=o.dtype).element_size()
-
-
 def layout_shards(outputs: list[Output], max_shard_bytes: int, metadata: dict[str, str]) -> list[ShardLayout]:
     """Byte-limited shards in output order (same rule as ``io.writer.write_safetensors``)."""
     shards: list[list[Output]] = [[]]
     size = 0
     for o in outputs:
-        nb = _nbytes(o)
+        nb = output_nbytes(o)
         if shards[-1] and size + nb > max_shard_bytes:
             shards.append([])
             size = 0
@@ -60,7 +53,7 @@ def layout_shards(outputs: list[Output], max_shard_bytes: int, metadata: dict[st
         pos = 0
         rel = {}
         for o in ordered:
-            nb = _nbytes(o)
+            nb = output_nbytes(o)
             header[o.name] = {"dtype": DTYPE_CODES[o.dtype], "shape": list(o.shape), "data_offsets": [pos, pos + nb]}
             rel[o.name] = pos
             pos += nb
@@ -97,11 +90,13 @@ def open_shards(tmp: Path, layouts: list[ShardLayout], fresh: bool, direct: bool
 class _BackgroundWriter:
     """Writes finished tensors on a second thread so disk writes overlap the next job's read and math.
 
-    ``os.pwrite`` releases the GIL. At most ``depth`` tensors wait in the queue, which bounds the extra
-    memory to ``depth`` output tensors. ``drain`` waits for every queued write and re-raises a failure.
+    ``os.pwrite`` releases the GIL. At most ``depth`` items wait in the queue, which bounds the extra
+    memory to ``depth`` output tensors (plus the one being written). ``call(fn)`` runs ``fn`` on the
+    writer thread once every earlier write is done (how a group is marked finished without stalling the
+    main thread). ``drain`` waits for everything queued and re-raises a failure.
     """
 
-    def __init__(self, write: Callable[[str, torch.Tensor, int], None], depth: int = 2):
+    def __init__(self, write: Callable[[str, torch.Tensor, int], None], depth: int = WRITE_DEPTH):
         self._write = write
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -115,7 +110,7 @@ class _BackgroundWriter:
                 if item is None:
                     return
                 if self._error is None:
-                    self._write(*item)
+                    item[0](*item[1:])
             except BaseException as e:  # noqa: BLE001 - handed to the main thread in drain()
                 self._error = e
             finally:
@@ -124,7 +119,12 @@ class _BackgroundWriter:
     def submit(self, name: str, t: torch.Tensor, rel: int) -> None:
         if self._error is not None:
             self.drain()
-        self._queue.put((name, t, rel))
+        self._queue.put((self._write, name, t, rel))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        if self._error is not None:
+            self.drain()
+        self._queue.put((fn,))
 
     def drain(self) -> None:
         self._queue.join()
