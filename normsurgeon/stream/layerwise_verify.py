@@ -34,6 +34,7 @@ from normsurgeon.errors import UnsupportedModel
 from normsurgeon.io.checkpoint import read_config
 from normsurgeon.io.formats import rebuild_structure, section_of
 from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, read_tensor
+from normsurgeon.stream.malloc_tuning import tune_malloc
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
 from normsurgeon.verify.inputs import default_batches
 from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, judge, output_metrics, residual_error
@@ -179,6 +180,7 @@ def _output_tensor(out: Any) -> torch.Tensor:
 def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4, seq_len: int = 64, seed: int = 0,
                      text_file: Path | None = None) -> dict:
     """Compare ``converted`` with ``source`` block by block; return an equivalence report (a dict)."""
+    tune_malloc()  # predictable resident memory (stream/malloc_tuning.py)
     t0 = time.perf_counter()
     source, converted = Path(source), Path(converted)
     src, _, src_index = _skeleton(source)
