@@ -58,7 +58,9 @@ def main() -> None:
         ax.set_title(f"{title}\n{peer['rounds']} alternating runs each", fontsize=10)
     ckpt = peer["checkpoint_bytes"]
     mem = {t: sorted(r["peak_rss_bytes"] for r in peer["runs"][t])[len(peer["runs"][t]) // 2] for t, _ in tools}
-    ax3.text(0.02, 0.03, "peak RSS: " + ", ".join(f"{t.split('_')[0]} {m / ckpt:.2f}x ckpt" for t, m in mem.items()),
+    names = {"normsurgeon": "normsurgeon", "transformer_lens": "TransformerLens"}
+    ax3.text(0.02, 0.03, "median peak RSS: " + ", ".join(f"{names[t]} {m / ckpt:.2f}x the checkpoint"
+                                                          for t, m in mem.items()),
              transform=ax3.transAxes, fontsize=8)
     fig.tight_layout()
     out = ROOT / "docs/img/streaming.png"

@@ -9,10 +9,13 @@ With the threshold fixed at 4 MiB every larger tensor is its own mapping, return
 freed: 0.74-0.75 GB over repeated runs, for about 15 % more time on that model (page faults).
 
 ``tune_malloc()`` sets it once per process (glibc only; elsewhere, or with ``NORMSURGEON_MALLOC_TUNING=0``
-in the environment, it does nothing) and says whether it did. The streaming conversion and the
-layer-by-layer verifier call it first thing: set after planning had already used the heap, the same
-conversion still peaked at 0.88-2.4 GB. On GPT-2 small (tensors of a few MB) it costs about 0.2 s of
-page faults per conversion and brings the peak from 1.0-1.3x to about 1.0x the checkpoint.
+in the environment, it does nothing) and says whether it did. Call it before the work: set after
+planning had already used the heap, the same conversion still peaked at 0.88-2.4 GB.
+
+The streaming conversion calls it for checkpoints of ``TUNE_FROM_BYTES`` or more, the layer-by-layer
+verifier always. Below that the drift is bounded by the small tensors (GPT-2 small, 498 MB: peaks of
+0.49-0.62 GB over 7 runs, 1.0-1.3x the checkpoint) while the page faults would cost a fifth of the
+conversion's time (about 0.25 s of 1 s, measured in ``benchmarks/bench_vs_transformer_lens.py``).
 
 >>> isinstance(tune_malloc(), bool)
 True
@@ -24,6 +27,7 @@ import ctypes.util
 import os
 
 MMAP_THRESHOLD = 4 * 2**20
+TUNE_FROM_BYTES = 2**30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 _done: bool | None = None
 

@@ -25,7 +25,7 @@ import yaml
 from normsurgeon.errors import UsageError, VerificationFailed
 from normsurgeon.io.writer import copy_tagalong_files, parse_size, replace_folder
 from normsurgeon.stream.execute import PROGRESS, execute_plan, partial_folder
-from normsurgeon.stream.malloc_tuning import tune_malloc
+from normsurgeon.stream.malloc_tuning import TUNE_FROM_BYTES, tune_malloc
 from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming, validate_options
 
 def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", bias_policy: str | None = None,
@@ -49,7 +49,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     source, out = Path(source), Path(out)
     if direct_io is None:
         direct_io = os.environ.get("NORMSURGEON_DIRECT_IO", "1") != "0"
-    tune_malloc()  # predictable resident memory; before planning (stream/malloc_tuning.py)
+    if sum(f.stat().st_size for f in source.glob("*.safetensors")) >= TUNE_FROM_BYTES:
+        tune_malloc()  # predictable resident memory; before planning (stream/malloc_tuning.py)
     rec = recipe_for_target(to)
     policy = bias_policy or rec.bias_policy
     validate_options(to, policy)
