@@ -41,9 +41,10 @@ class BufferedFile:
 
     def __init__(self, path: Path, size: int, fresh: bool):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.size = size
         if fresh:
             os.ftruncate(self.fd, 0)
-            os.ftruncate(self.fd, size)
+        os.ftruncate(self.fd, size)  # resuming a direct run: its last block may run past the end
 
     def write(self, data: memoryview, offset: int) -> None:
         done = 0
@@ -54,18 +55,20 @@ class BufferedFile:
         pass
 
     def close(self) -> None:
+        os.ftruncate(self.fd, self.size)
         os.close(self.fd)
 
 
 class DirectFile:
     """A file of known ``size`` written in aligned blocks with ``O_DIRECT`` (see the module doc)."""
 
-    def __init__(self, fd: int, size: int, fresh: bool):
+    def __init__(self, fd: int, size: int, fresh: bool, stage: mmap.mmap | None = None):
         self.fd, self.size = fd, size
         if fresh:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
-        self.stage = mmap.mmap(-1, STAGE_BYTES)  # anonymous maps are page aligned
+        self._own_stage = stage is None
+        self.stage = stage if stage is not None else new_stage()  # used by one writing thread at a time
         self.edges: dict[int, tuple[mmap.mmap, bytearray]] = {}  # block start -> (4 KiB data, written mask)
         self.fresh = fresh
 
@@ -82,7 +85,7 @@ class DirectFile:
         pos = lo
         stage = memoryview(self.stage)
         while pos < hi:
-            n = min(STAGE_BYTES, hi - pos)
+            n = min(len(self.stage), hi - pos)
             stage[:n] = data[pos - offset:pos - offset + n]
             self._pwrite(stage[:n], pos)
             pos += n
@@ -129,10 +132,16 @@ class DirectFile:
         self.flush()
         os.ftruncate(self.fd, self.size)  # the last block may run past the end
         os.close(self.fd)
-        self.stage.close()
+        if self._own_stage:
+            self.stage.close()
 
 
-def open_direct(path: Path, size: int, fresh: bool) -> DirectFile | None:
+def new_stage() -> mmap.mmap:
+    """An aligned staging buffer (anonymous maps are page aligned); files written by one thread may share it."""
+    return mmap.mmap(-1, STAGE_BYTES)
+
+
+def open_direct(path: Path, size: int, fresh: bool, stage: mmap.mmap | None = None) -> DirectFile | None:
     """A ``DirectFile`` for ``path``, or None where ``O_DIRECT`` is not supported."""
     flag = getattr(os, "O_DIRECT", None)
     if flag is None:
@@ -149,4 +158,4 @@ def open_direct(path: Path, size: int, fresh: bool) -> DirectFile | None:
     except OSError:
         os.close(fd)
         return None
-    return DirectFile(fd, size, fresh)
+    return DirectFile(fd, size, fresh, stage)

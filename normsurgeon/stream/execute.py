@@ -189,10 +189,13 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
     done: list[str] = []
     if resume and progress_path.is_file():
         prog = json.loads(progress_path.read_text())
-        if prog.get("fingerprint") == fingerprint and prog.get("max_shard_bytes") == max_shard_bytes:
-            done = list(prog.get("done", []))
-        else:
+        missing = [s.name for s in layouts if not (tmp / s.name).is_file()]
+        if prog.get("fingerprint") != fingerprint or prog.get("max_shard_bytes") != max_shard_bytes:
             status("the partial output is from a different plan: starting over")
+        elif missing and prog.get("done"):
+            status(f"the partial output lacks {missing[0]}: starting over")
+        else:
+            done = list(prog.get("done", []))
     fresh = not done
     already = len(done)
     shard_files = open_shards(tmp, layouts, fresh, direct)

@@ -37,6 +37,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
 
     ``verify``: "auto" (whole-model when both models fit in memory, else layer by layer), "whole",
     "layerwise" or "none". ``max_memory`` refuses (exit 6) a plan whose estimated peak is above it.
+    ``on_group_done(name)`` is called from the writer thread once every byte of a group is written and
+    recorded in ``progress.json`` (so also for groups finished after an interrupt in the main thread).
     ``direct_io``: write the shards with ``O_DIRECT`` where the file system allows it (past the page
     cache; ``stream/direct_writer.py``), else through the page cache; None: on unless the environment
     sets ``NORMSURGEON_DIRECT_IO=0``.

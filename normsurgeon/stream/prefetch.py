@@ -51,15 +51,18 @@ class Prefetcher:
         try:
             for i, e in enumerate(self._entries):
                 with self._cond:
-                    while not self._stop and self._held and self._held + e.nbytes > self._max:
+                    while (not self._stop and self._state[i] == _PENDING and self._held
+                           and self._held + e.nbytes > self._max):
                         self._cond.wait()
                     if self._stop:
                         return
-                    if self._state[i] != _PENDING:
+                    if self._state[i] != _PENDING:  # the taker read it itself
                         continue
                     self._state[i] = _READING
                 t = self._files.read(e)
                 with self._cond:
+                    if self._stop:
+                        return
                     self._data[i] = t
                     self._state[i] = _READY
                     self._held += e.nbytes
@@ -78,12 +81,9 @@ class Prefetcher:
                 state = self._state[i]
                 if state == _TAKEN:
                     continue
-                if state == _PENDING or self._error is not None:
-                    self._state[i] = _TAKEN
-                    return None
                 while self._state[i] == _READING and self._error is None:
                     self._cond.wait()
-                if self._state[i] != _READY:
+                if self._state[i] != _READY:  # not read ahead (or the read failed): the caller reads it
                     self._state[i] = _TAKEN
                     return None
                 self._state[i] = _TAKEN

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from normsurgeon.stream.direct_writer import BufferedFile, DirectFile, open_direct
+from normsurgeon.stream.direct_writer import BufferedFile, DirectFile, new_stage, open_direct
 from normsurgeon.stream.headers import DTYPE_CODES
 from normsurgeon.stream.plan import WRITE_DEPTH, Output, output_nbytes
 
@@ -77,9 +77,10 @@ def open_shards(tmp: Path, layouts: list[ShardLayout], fresh: bool, direct: bool
     ``direct``: write with ``O_DIRECT`` where the file system allows it (``direct_writer.py``).
     """
     files: dict[str, DirectFile | BufferedFile] = {}
+    stage = new_stage() if direct else None  # one writer thread: one staging buffer for every shard
     for s in layouts:
         path = tmp / s.name
-        f = open_direct(path, s.size, fresh) if direct else None
+        f = open_direct(path, s.size, fresh, stage) if direct else None
         f = f or BufferedFile(path, s.size, fresh)
         if fresh:
             f.write(memoryview(s.header), 0)
