@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from normsurgeon import __version__
+from normsurgeon.cli_options import AllowPickle, JsonOpt, ModelArg, TrustRemote
 from normsurgeon.errors import EXIT_CODES, NormSurgeonError
 
 _EPILOG = "Exit codes: " + "; ".join(f"{k} {v.split(':')[0]}" for k, v in EXIT_CODES.items()) + "."
@@ -69,12 +70,6 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     pass
-
-
-ModelArg = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub id, or package.module:factory.")
-AllowPickle = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (loaded with weights_only=True).")
-TrustRemote = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from its folder.")
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
 
 
 @app.command(epilog=_EPILOG)

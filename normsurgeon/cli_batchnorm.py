@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from normsurgeon.cli_options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
+
 from normsurgeon.errors import UsageError
 
 
@@ -35,18 +37,18 @@ def register(app: typer.Typer) -> None:
 
     @app.command("fold-bn")
     def fold_bn(
-        model: str = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub id, or package.module:factory."),
+        model: str = ModelArg,
         out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
         input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape for plain torch models, e.g. 2,3,32,32."),
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Image size for HF vision models (default: config or 224)."),
         batch_size: int = typer.Option(2, "--batch-size", help="Number of random inputs used to trace and verify."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random verification inputs."),
         export: bool = typer.Option(True, "--export/--no-export", help="Write deploy/model.pt2 (torch.export)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        overwrite: bool = OverwriteOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="Fold and verify in memory; write nothing."),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (weights_only)."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
-        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        allow_pickle: bool = AllowPickle,
+        trust_remote_code: bool = TrustRemote,
+        as_json: bool = ReportJsonOpt,
     ) -> None:
         """Fold every eval-mode BatchNorm into the conv/linear the dataflow proves it is connected to."""
         from normsurgeon.cli import _run, out_console

@@ -15,13 +15,15 @@ from typing import Optional
 
 import typer
 
+from normsurgeon.cli_options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
+
 
 def register(app: typer.Typer) -> None:
     """Add ``remove-ln`` to ``app``."""
 
     @app.command("remove-ln")
     def remove_ln_cmd(
-        model: str = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub id, or package.module:factory."),
+        model: str = ModelArg,
         out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically at the end)."),
         data: Optional[str] = typer.Option(None, "--data", help="Text file, folder of text files, .jsonl, a saved "
                                            "`datasets` dataset, or package.module:function(split)."),
@@ -47,11 +49,11 @@ def register(app: typer.Typer) -> None:
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder, or `bytes`."),
         text_field: str = typer.Option("text", "--text-field", help="Field of JSONL rows / dataset column."),
         stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        overwrite: bool = OverwriteOpt,
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (weights_only)."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
-        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        allow_pickle: bool = AllowPickle,
+        trust_remote_code: bool = TrustRemote,
+        as_json: bool = ReportJsonOpt,
     ) -> None:
         """Remove every LayerNorm/RMSNorm: fixed scalar scales (or DyT), staged during fine-tuning.
 

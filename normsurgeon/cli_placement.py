@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from normsurgeon.cli_options import OverwriteOpt, ReportJsonOpt
+
 from normsurgeon.errors import UsageError
 
 _QK = {"keep": "keep", "on": "qk", "off": "none", "qkv": "qkv"}
@@ -77,9 +79,9 @@ def register(app: typer.Typer) -> None:
         eval_seqs: int = typer.Option(16, "--eval-seqs", help="Evaluation windows (held-out split)."),
         seq_len: int = typer.Option(128, "--seq-len", help="Window length in tokens."),
         seed: int = typer.Option(0, "--seed", help="Seed of the windows (and of the init with --from-config)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        overwrite: bool = OverwriteOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="Rewrite and measure in memory; write nothing."),
-        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        as_json: bool = ReportJsonOpt,
     ) -> None:
         """Rewrite a Pre-LN Llama- or GPT-2-family model to another norm placement and report what it preserves.
 
@@ -131,7 +133,7 @@ def register(app: typer.Typer) -> None:
         no_plots: bool = typer.Option(False, "--no-plots", help="Do not draw PNGs."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="'bytes' or a tokenizer folder."),
         seed: int = typer.Option(1234, "--seed", help="Seed of the window positions."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        overwrite: bool = OverwriteOpt,
         as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON on stdout."),
     ) -> None:
         """Per-layer variance/RMS, massive activations, gradient norms (block, FFN), angular distances,

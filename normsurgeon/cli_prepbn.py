@@ -15,13 +15,15 @@ from typing import Optional
 
 import typer
 
+from normsurgeon.cli_options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
+
 
 def register(app: typer.Typer) -> None:
     """Add ``prepbn`` to ``app``."""
 
     @app.command("prepbn")
     def prepbn_cmd(
-        model: str = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub id, or package.module:factory."),
+        model: str = ModelArg,
         out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically at the end)."),
         data: Optional[str] = typer.Option(None, "--data", help="Images: package.module:function(split) returning "
                                            "(pixel_values, labels), or a .npz (x_train, y_train, x_test, y_test). "
@@ -49,11 +51,11 @@ def register(app: typer.Typer) -> None:
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Text: tokenizer folder, or `bytes`."),
         text_field: str = typer.Option("text", "--text-field", help="Text: field of JSONL rows / dataset column."),
         stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        overwrite: bool = OverwriteOpt,
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (loss, blend weight) on stderr."),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (weights_only)."),
-        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
-        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        allow_pickle: bool = AllowPickle,
+        trust_remote_code: bool = TrustRemote,
+        as_json: bool = ReportJsonOpt,
     ) -> None:
         """Replace the LayerNorms of a Pre-LN transformer by RepBN (BN(x) + eta x) and fold them away.
 
