@@ -36,6 +36,16 @@ ALIGN = 4096
 STAGE_BYTES = 8 * 2**20  # aligned staging buffer for the interior of a write
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is at ``offset`` (a write may be partial)."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"write at {offset + done} wrote nothing")
+        done += n
+
+
 class BufferedFile:
     """The page-cache fallback with the same interface as ``DirectFile``."""
 
@@ -47,9 +57,7 @@ class BufferedFile:
         os.ftruncate(self.fd, size)  # resuming a direct run: its last block may run past the end
 
     def write(self, data: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, data[done:], offset + done)
+        pwrite_all(self.fd, data, offset)
 
     def flush(self) -> None:
         pass
@@ -87,7 +95,7 @@ class DirectFile:
         while pos < hi:
             n = min(len(self.stage), hi - pos)
             stage[:n] = data[pos - offset:pos - offset + n]
-            self._pwrite(stage[:n], pos)
+            pwrite_all(self.fd, stage[:n], pos)
             pos += n
         if hi < end:
             self._edge(data[hi - offset:], hi, end)
@@ -103,7 +111,7 @@ class DirectFile:
             mask[pos - block:stop - block] = b"\x01" * (stop - pos)
             if mask.count(0) == 0 or (block + ALIGN >= self.size and
                                       mask.count(0, 0, self.size - block) == 0):
-                self._pwrite(memoryview(buf), block)
+                pwrite_all(self.fd, memoryview(buf), block)
                 del self.edges[block]
             pos = stop
 
@@ -115,18 +123,10 @@ class DirectFile:
             self.edges[block] = (buf, bytearray(ALIGN))
         return self.edges[block]
 
-    def _pwrite(self, data: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(data):
-            n = os.pwrite(self.fd, data[done:], offset + done)
-            if n <= 0:
-                raise OSError(f"direct write at {offset + done} wrote nothing")
-            done += n
-
     def flush(self) -> None:
         """Write every incomplete edge block as it stands (kept in memory: later writes complete it)."""
         for block, (buf, _) in sorted(self.edges.items()):
-            self._pwrite(memoryview(buf), block)
+            pwrite_all(self.fd, memoryview(buf), block)
 
     def close(self) -> None:
         self.flush()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from normsurgeon.stream.direct_writer import DirectFile
 from normsurgeon.stream.headers import ShardReader, TensorEntry
-from normsurgeon.stream.plan import CHUNK_BYTES, Job, StreamPlan, row_chunked
+from normsurgeon.stream.plan import CHUNK_BYTES, Job, Output, StreamPlan, row_chunked
 from normsurgeon.stream.prefetch import Prefetcher
 from normsurgeon.stream.shards import _BackgroundWriter, output_nbytes, _write_json_atomic, layout_shards, open_shards
 from normsurgeon.transforms.primitives import (center_tensors, fold_affine_tensors, shrink_reader_tensor,
@@ -71,14 +71,12 @@ class _Reader:
 def run_job(job: Job, plan: StreamPlan, reader: _Reader) -> dict[str, torch.Tensor]:
     """The output tensors of one job, in the output dtype."""
     out_dt = plan.out_dtype
-    if not job.ops or job.ops[0][0] == "norm_reset":
-        reset = job.ops[0] if job.ops else ("norm_reset", False, False)
+    if _copy_or_reset(job):
         res = {}
         for o in job.outputs:
-            if o.role == "norm_weight" and reset[1]:
-                res[o.name] = torch.ones(o.shape, dtype=F64).to(out_dt)
-            elif o.role == "norm_bias" and reset[2]:
-                res[o.name] = torch.zeros(o.shape, dtype=F64).to(out_dt)
+            if _is_reset(job, o):  # a folded norm: unit gain, zero shift
+                fill = torch.ones if o.role == "norm_weight" else torch.zeros
+                res[o.name] = fill(o.shape, dtype=F64).to(out_dt)
             else:  # a copy: casting directly equals casting through float64 (the upcast is exact)
                 res[o.name] = reader.raw(o.source).to(o.dtype)
         return res
@@ -117,13 +115,22 @@ def job_reads(job: Job, plan: StreamPlan) -> list[TensorEntry]:
     and cached, and row-chunked jobs are left out)."""
     if row_chunked(job):
         return []
-    if not job.ops or job.ops[0][0] == "norm_reset":
-        reset = job.ops[0] if job.ops else ("norm_reset", False, False)
-        names = [o.source for o in job.outputs if not (o.role == "norm_weight" and reset[1])
-                 and not (o.role == "norm_bias" and reset[2])]
+    if _copy_or_reset(job):
+        names = [o.source for o in job.outputs if not _is_reset(job, o)]
     else:
         names = [o.source for o in job.outputs[:2]]
     return [plan.checkpoint.tensors[n] for n in names if n is not None]
+
+
+def _copy_or_reset(job: Job) -> bool:
+    """A job without math: copies, and a folded norm's reset parameters."""
+    return not job.ops or job.ops[0][0] == "norm_reset"
+
+
+def _is_reset(job: Job, o: Output) -> bool:
+    """Whether output ``o`` of a copy/reset job is a folded norm's gain (set to 1) or shift (set to 0)."""
+    reset = job.ops[0] if job.ops else ("norm_reset", False, False)
+    return (o.role == "norm_weight" and reset[1]) or (o.role == "norm_bias" and reset[2])
 
 
 def run_job_chunked(job: Job, plan: StreamPlan, reader: _Reader, write: Callable[[str, torch.Tensor, int], None]
