@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from normsurgeon import __version__
-from normsurgeon.errors import InputError, UsageError, VerificationFailed
+from normsurgeon.errors import UsageError, VerificationFailed
 from normsurgeon.io.formats import CUSTOM_PREFIX
 from normsurgeon.io.loader import LoadedModel, load_model
 from normsurgeon.io.writer import copy_tagalong_files, staging_folder, write_safetensors
@@ -34,7 +34,7 @@ from normsurgeon.lnfree.report import loss_curve_png, write_report
 from normsurgeon.lnfree.schedule import ScheduleRunner
 from normsurgeon.lnfree.sites import Sites, install
 from normsurgeon.train.checkpoint import latest_checkpoint
-from normsurgeon.train.data import check_lengths, heldout_windows, load_token_data, tokenizer_for
+from normsurgeon.train.data import check_fits, heldout_windows, load_token_data, tokenizer_for
 from normsurgeon.train.evaluate import heldout_loss
 from normsurgeon.train.loop import TrainHooks, make_accelerator, train
 from normsurgeon.train.options import TrainingRunOptions
@@ -94,11 +94,7 @@ def remove_ln(model: str, out: str | Path, opts: RemoveLnOptions,
     tok = tokenizer_for(src.path, vocab, opts.tokenizer)
     status(f"loading data ({opts.data}, tokenizer {tok.name})")
     data = load_token_data(opts.data, tok, opts.text_field)
-    check_lengths(data, cfg.block_size)
-    top = int(max(data.train.max(), data.heldout.max()))
-    if vocab is not None and top >= vocab:
-        raise InputError(f"the data has token id {top}, outside the model's vocabulary of {vocab} "
-                         f"(tokenizer {tok.name}); pass the model's --tokenizer")
+    check_fits(data, cfg.block_size, vocab, tok)
     windows = heldout_windows(data.heldout, cfg.eval_windows, cfg.block_size, cfg.eval_seed)
     src.model.to(acc.device)
     before = heldout_loss(src.model, windows)

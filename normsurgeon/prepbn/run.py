@@ -108,7 +108,7 @@ def _vision_task(model, opts: PRepBNOptions, cfg, device) -> _Task:
 
 
 def _text_task(src, opts: PRepBNOptions, cfg, device) -> _Task:
-    from normsurgeon.train.data import check_lengths, heldout_windows, load_token_data, tokenizer_for, train_batch
+    from normsurgeon.train.data import check_fits, heldout_windows, load_token_data, tokenizer_for, train_batch
     from normsurgeon.train.evaluate import heldout_loss
 
     vocab = getattr(src.model.config, "vocab_size", None)
@@ -120,11 +120,7 @@ def _text_task(src, opts: PRepBNOptions, cfg, device) -> _Task:
     except Exception as e:  # noqa: BLE001 - e.g. a factory returning images for a language model
         raise InputError(f"cannot read {opts.data} as text for a language model: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    check_lengths(data, cfg.block_size)
-    top = int(max(data.train.max(), data.heldout.max()))
-    if vocab is not None and top >= vocab:
-        raise InputError(f"the data has token id {top}, outside the model's vocabulary of {vocab} "
-                         f"(tokenizer {tok.name}); pass the model's --tokenizer")
+    check_fits(data, cfg.block_size, vocab, tok)
     windows = heldout_windows(data.heldout, cfg.eval_windows, cfg.block_size, cfg.eval_seed)
     batches = [train_batch(data, i, cfg.batch_size, cfg.block_size, cfg.seed + 7) for i in range(opts.recalib_batches)]
     unit = "nats/token" + (" (byte)" if tok.name == "bytes" else "")

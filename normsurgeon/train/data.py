@@ -196,6 +196,15 @@ def check_lengths(data: TokenData, block_size: int) -> None:
                              f"{block_size}; use a smaller --block-size or more data")
 
 
+def check_fits(data: TokenData, block_size: int, vocab_size: int | None, tok: Tokenizer) -> None:
+    """Both splits hold a window (``check_lengths``) and every token id is inside the model's vocabulary."""
+    check_lengths(data, block_size)
+    top = int(max(data.train.max(), data.heldout.max()))
+    if vocab_size is not None and top >= vocab_size:
+        raise InputError(f"the data has token id {top}, outside the model's vocabulary of {vocab_size} "
+                         f"(tokenizer {tok.name}); pass the model's --tokenizer")
+
+
 def train_batch(data: TokenData, step: int, batch_size: int, block_size: int, seed: int) -> torch.Tensor:
     """The windows of one optimizer step, a pure function of (seed, step): [batch_size, block_size].
 
