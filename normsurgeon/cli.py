@@ -13,15 +13,17 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from normsurgeon import __version__
+from normsurgeon import __version__, cli_click
 from normsurgeon.cli_options import AllowPickle, JsonOpt, ModelArg, TrustRemote
 from normsurgeon.errors import EXIT_CODES, NormSurgeonError
 
 _EPILOG = "Exit codes: " + "; ".join(f"{k} {v.split(':')[0]}" for k, v in EXIT_CODES.items()) + "."
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Surgery on the normalization layers of PyTorch and Hugging Face models.\n\n"
                        "MODEL is a local Hugging Face folder, a hub id already in the local cache "
                        "(offline), or a factory `package.module:function` returning a torch module.",
@@ -30,27 +32,80 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
+ERROR_SCHEMA = "normsurgeon.error/1"
+_OUTPUT_PARAMS = ("out", "checkpoint_dir")
+_JSON_PARAMS = ("json_out", "as_json")
+
+
+def _command_params() -> dict:
+    ctx = cli_click.get_current_context(silent=True)
+    return dict(ctx.params) if ctx is not None else {}
+
+
 def _run(fn: Callable[[], int | None]) -> None:
-    """Call ``fn``; map errors to one line on stderr and the documented exit code."""
+    """Call ``fn``; map errors to one line on stderr and the documented exit code.
+
+    The command's own parameters say where its outputs are (``out``, ``checkpoint_dir``: an OSError
+    there is exit 2, elsewhere exit 5, a full disk exit 6) and whether ``--json`` was given (then the
+    error is also printed on stdout as a ``normsurgeon.error/1`` object, with its details).
+    """
+    params = _command_params()
+    outputs = [params.get(k) for k in _OUTPUT_PARAMS if params.get(k) is not None]
+    as_json = any(params.get(k) for k in _JSON_PARAMS)
     try:
         code = fn() or 0
-    except NormSurgeonError as e:
-        lines = str(e).splitlines() or [type(e).__name__]
-        err_console.print(f"[bold red]error:[/] {lines[0]}", highlight=False, markup=True, soft_wrap=True)
-        if len(lines) > 1:
-            err_console.print("\n".join(lines[1:]), highlight=False, markup=False)
-        if os.environ.get("NORMSURGEON_DEBUG"):
-            raise
-        raise typer.Exit(e.exit_code) from None
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+    except (typer.Exit, typer.Abort):
         raise
-    except Exception as e:  # noqa: BLE001 - the last resort: one line, exit 1
+    except KeyboardInterrupt:
+        _fail(130, "interrupted", "Interrupted", None, as_json)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and a documented exit code
         if os.environ.get("NORMSURGEON_DEBUG"):
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          " (set NORMSURGEON_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        if isinstance(e, OSError):
+            from normsurgeon.io.destination import user_error_for
+
+            e = user_error_for(e, outputs)
+        if isinstance(e, NormSurgeonError):
+            _fail(e.exit_code, str(e), type(e).__name__, e.details, as_json)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(1, f"internal error: {type(e).__name__}: {text} (set NORMSURGEON_DEBUG=1 for a traceback)",
+              type(e).__name__, None, as_json)
     raise typer.Exit(code)
+
+
+_MAX_LINE = 400
+
+
+def say_error(message: str) -> str:
+    """Print ``message`` as one ``error:`` line on stderr (whitespace folded, at most about 400
+    characters); return the line."""
+    line = " ".join(message.split())
+    if len(line) > _MAX_LINE:
+        line = line[: _MAX_LINE - 1] + "…"
+    prefix = "" if line.startswith("internal error") else "error: "
+    err_console.print(f"[bold red]{prefix}[/]{escape(line)}", highlight=False, soft_wrap=True)
+    return line
+
+
+def _fail(code: int, message: str, kind: str, details: object, as_json: bool) -> None:
+    """One line on stderr (and, with --json, an error object on stdout with the whole message); exit ``code``."""
+    line = say_error(message or kind)
+    if details is None and line != " ".join(message.split()):
+        details = {"message": message}
+    if as_json:
+        print(json.dumps({"schema": ERROR_SCHEMA, "status": "error", "exit_code": code, "error": kind,
+                          "message": line, "details": details}, indent=2, default=str))
+    raise typer.Exit(code)
+
+
+def verification_exit(report: dict) -> int:
+    """0 for a passed verification; else one ``error:`` line naming what failed and where, and exit 3."""
+    if report["status"] == "pass":
+        return 0
+    from normsurgeon.verify.report import failure_line
+
+    say_error(f"verification failed: {failure_line(report)}")
+    return 3
 
 
 def _status(enabled: bool):
@@ -148,24 +203,23 @@ def convert(
 
     Example: normsurgeon convert examples/tiny-gpt2 --to rmsnorm -o out/tiny-gpt2-rms
     """
-    if to not in ("rmsnorm", "crmsnorm"):
-        err_console.print(f"[bold red]error:[/] --to must be rmsnorm or crmsnorm, not {to!r}")
-        raise typer.Exit(2)
-    if bias_policy not in (None, "stock", "fold-all"):
-        err_console.print(f"[bold red]error:[/] --bias-policy must be stock or fold-all, not {bias_policy!r}")
-        raise typer.Exit(2)
-
-    # --- streaming (normsurgeon/cli_streaming.py, issue 6) ---
-    from normsurgeon import cli_streaming as cs
-
-    if dry_run or stream or resume or max_memory is not None or cs.should_stream(model):
-        _run(lambda: cs.run_streaming_convert(
-            model, out, to=to, bias_policy=bias_policy, dtype=dtype, overwrite=overwrite, no_verify=no_verify,
-            max_shard_size=max_shard_size, max_memory=max_memory, resume=resume, dry_run=dry_run,
-            verify_mode=verify_mode, json_out=json_out, console=out_console, status=_status(not json_out)))
-    # --- end streaming ---
-
     def go() -> int:
+        from normsurgeon import cli_streaming as cs
+        from normsurgeon.errors import UsageError
+
+        if to not in ("rmsnorm", "crmsnorm"):
+            raise UsageError(f"--to must be rmsnorm or crmsnorm, not {to!r}")
+        if bias_policy not in (None, "stock", "fold-all"):
+            raise UsageError(f"--bias-policy must be stock or fold-all, not {bias_policy!r}")
+        if dry_run or stream or resume or max_memory is not None or cs.should_stream(model):
+            return cs.run_streaming_convert(
+                model, out, to=to, recipe=recipe, bias_policy=bias_policy, dtype=dtype, overwrite=overwrite,
+                no_verify=no_verify, max_shard_size=max_shard_size, max_memory=max_memory, resume=resume,
+                dry_run=dry_run, verify_mode=verify_mode, json_out=json_out, console=out_console,
+                status=_status(not json_out))
+        return convert_in_memory()
+
+    def convert_in_memory() -> int:
         from normsurgeon.convert import convert as do_convert
         from normsurgeon.verify.report import print_report
 
@@ -226,7 +280,7 @@ def verify(
             print(json.dumps(report, indent=2, default=str))
         else:
             print_report(report, out_console)
-        return 0 if report["status"] == "pass" else 3
+        return verification_exit(report)
     _run(go)
 
 
@@ -263,8 +317,34 @@ def _register_plugins() -> None:
 _register_plugins()  # at the bottom: plugins may import helpers (_run, options) from this module
 
 
-def main() -> None:
-    app(prog_name="normsurgeon")
+def main(argv: list[str] | None = None) -> int:
+    """The console script: run the command; a usage error (unknown option, missing argument) is one line
+    and exit 2, like every other error."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="normsurgeon", standalone_mode=False)
+    except cli_click.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `normsurgeon` or `normsurgeon CMD`: the help
+            print(e.format_message())
+            return 2
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        _print_usage_error(e.format_message() + hint, "--json" in argv)
+        return 2
+    except cli_click.ClickException as e:
+        _print_usage_error(e.format_message(), "--json" in argv)
+        return e.exit_code
+    except typer.Abort:
+        err_console.print("[bold red]error:[/] interrupted", highlight=False)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def _print_usage_error(message: str, as_json: bool) -> None:
+    line = say_error(message)
+    if as_json:
+        print(json.dumps({"schema": ERROR_SCHEMA, "status": "error", "exit_code": 2, "error": "UsageError",
+                          "message": line, "details": None}, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover

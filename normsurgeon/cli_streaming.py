@@ -81,15 +81,21 @@ def should_stream(model: str) -> bool:
     return numel * 20 > _available_memory()
 
 
-def run_streaming_convert(model: str, out: Path, *, to: str, bias_policy: Optional[str], dtype: str,
+def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[str] = None,
+                          bias_policy: Optional[str], dtype: str,
                           overwrite: bool, no_verify: bool, max_shard_size: str, max_memory: Optional[str],
                           resume: bool, dry_run: bool, verify_mode: str, json_out: bool, console, status) -> int:
     if dry_run:
+        if recipe is not None:  # the plan of what the recipe would do (stream_convert checks it fully)
+            from normsurgeon.convert import load_conversion_recipe
+
+            rec = load_conversion_recipe(recipe, to)
+            to, bias_policy = rec.target, bias_policy or rec.bias_policy
         return run_plan(model, to, bias_policy, dtype, max_memory, json_out, console)
     from normsurgeon.stream import stream_convert
     from normsurgeon.verify.report import print_report
 
-    report = stream_convert(Path(model), out, to=to, bias_policy=bias_policy, dtype=dtype,
+    report = stream_convert(Path(model), out, to=to, recipe=recipe, bias_policy=bias_policy, dtype=dtype,
                             max_shard_size=max_shard_size, max_memory=max_memory, resume=resume,
                             overwrite=overwrite, verify="none" if no_verify else verify_mode, status=status)
     if json_out:
@@ -117,7 +123,9 @@ def run_layerwise_verify(source: str, converted: str, *, num: int, seq_len: int,
         for p in report["per_layer"]:
             console.print(f"  {p['point']}: stream rel. L2 {p['resid_rel_l2']:.2e}, block alone {p['local_rel_l2']:.2e}",
                           highlight=False)
-    return 0 if report["status"] == "pass" else 3
+    from normsurgeon.cli import verification_exit
+
+    return verification_exit(report)
 
 
 def register(app: typer.Typer) -> None:

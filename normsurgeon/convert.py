@@ -22,13 +22,14 @@ from normsurgeon.errors import UsageError, VerificationFailed
 from normsurgeon.graph.normmap import build_norm_map
 from normsurgeon.io.formats import CUSTOM_PREFIX
 from normsurgeon.io.loader import LoadedModel, load_model
-from normsurgeon.io.writer import copy_tagalong_files, parse_size, staging_folder, write_safetensors
+from normsurgeon.io.destination import Destination, claim_output
+from normsurgeon.io.writer import copy_tagalong_files, parse_size, write_safetensors
 from normsurgeon.recipes import Recipe, load_recipe, recipe_for_target
 from normsurgeon.transforms.apply import apply_rms_plan
 from normsurgeon.transforms.plan import RmsPlan, plan_rms_conversion
 from normsurgeon.verify.api import verify_loaded
 from normsurgeon.verify.metrics import dtype_name
-from normsurgeon.verify.report import to_markdown, write_report
+from normsurgeon.verify.report import failure_line, write_report
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,19 +95,29 @@ def convert(model: str, out: str | Path, *, to: str = "rmsnorm", recipe: str | P
     """
     t0 = time.perf_counter()
     out = Path(out)
+    rec = load_conversion_recipe(recipe, to)
+    policy = bias_policy or rec.bias_policy
+    max_bytes = parse_size(max_shard_size)
+    out_dtype_req = parse_dtype(dtype)
+    with claim_output(out, inputs=[model, text_file], overwrite=overwrite, status=status) as dest:
+        return _convert(model, dest, rec, policy, max_bytes, out_dtype_req, run_verify, text_file, allow_pickle,
+                        trust_remote_code, status, t0)
+
+
+def load_conversion_recipe(recipe: str | Path | None, to: str) -> Recipe:
+    """The recipe file or built-in name ``recipe`` if given, else the built-in recipe for ``to``."""
     rec = load_recipe(recipe) if recipe is not None else recipe_for_target(to)
     if not isinstance(rec, Recipe):
         raise UsageError(f"recipe {rec.name!r} is a {rec.target} recipe: run it with `normsurgeon {rec.target}`")
-    policy = bias_policy or rec.bias_policy
-    if out.exists() and not overwrite:
-        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
-    max_bytes = parse_size(max_shard_size)
-    out_dtype_req = parse_dtype(dtype)
+    return rec
 
+
+def _convert(model: str, dest: Destination, rec: Recipe, policy: str, max_bytes: int,
+             out_dtype_req: torch.dtype | None, run_verify: bool, text_file: Path | None, allow_pickle: bool,
+             trust_remote_code: bool, status: Callable[[str], None], t0: float) -> dict:
+    out = dest.path
     status("loading the source model")
     src = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if src.path is not None and out.resolve() == src.path.resolve():
-        raise UsageError("the output folder is the input folder; inputs are never modified")
     out_dtype = out_dtype_req or src.dtype
     before = {k: v.detach().clone() for k, v in src.model.state_dict().items()}
 
@@ -119,7 +130,7 @@ def convert(model: str, out: str | Path, *, to: str = "rmsnorm", recipe: str | P
     work.to(out_dtype)
     t_convert = time.perf_counter() - t0
 
-    with staging_folder(out, overwrite) as tmp:
+    with dest.staging() as tmp:
         status("writing safetensors")
         state = work.state_dict()
         shards = write_safetensors(state, tmp, max_bytes, {"normsurgeon_recipe": rec.name})
@@ -161,8 +172,7 @@ def convert(model: str, out: str | Path, *, to: str = "rmsnorm", recipe: str | P
                               "total": round(time.perf_counter() - t0, 3)}
         write_report(report, tmp)
         if report["status"] == "fail":
-            raise VerificationFailed("the converted checkpoint is not equivalent to the source; nothing was "
-                                     "written:\n" + to_markdown(report))
+            raise VerificationFailed(f"verification failed, nothing written: {failure_line(report)}", report)
     return report
 
 

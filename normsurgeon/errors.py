@@ -11,9 +11,17 @@ from __future__ import annotations
 
 
 class NormSurgeonError(Exception):
-    """Base class: a problem that is reported to the user as one line."""
+    """Base class: a problem that is reported to the user as one line.
+
+    ``details``: anything JSON-serialisable that explains it further (a failed verification's whole
+    report); the CLI prints it with ``--json`` and never on stderr.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", details: object = None):
+        super().__init__(message)
+        self.details = details
 
 
 class UsageError(NormSurgeonError):

@@ -62,7 +62,13 @@ def read_recipe_file(name_or_path: str | Path) -> tuple[Path, object]:
             raise UsageError(f"no recipe {name_or_path!r} (built-in: {', '.join(builtin_recipes())})")
         path = builtin
     try:
-        return path, yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe {path} is not a text file (not UTF-8): a recipe is YAML") from None
+    except OSError as e:
+        raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        return path, yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UsageError(f"recipe {path} is not valid YAML: {e}".splitlines()[0]) from None
 

@@ -21,6 +21,12 @@ def run(*args):
     return result.exit_code, result.output
 
 
+def run_json(*args):
+    """(exit code, stdout only, stderr): --json documents are on stdout, the one error line on stderr."""
+    result = runner.invoke(app, list(map(str, args)))
+    return result.exit_code, result.stdout, result.stderr
+
+
 def _one_line_error(output: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, output
@@ -136,8 +142,10 @@ def test_verify_detects_a_wrong_checkpoint_exit_3(saved_family, tmp_path):
     state = load_file(out_dir / "model.safetensors")
     state["transformer.h.1.mlp.c_fc.bias"] += 0.05  # a plausible mis-fold in block 1
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    code, out = run("verify", saved_family("gpt2"), out_dir, "--json")
+    code, out, err = run_json("verify", saved_family("gpt2"), out_dir, "--json")
     assert code == 3
+    line = _one_line_error(err)
+    assert "max |Δ log-prob|" in line and "threshold" in line and "transformer.ln_f" in line, line
     report = json.loads(out)
     assert report["status"] == "fail"
     bad = {p["point"]: p["resid_rel_l2"] for p in report["per_layer"]}

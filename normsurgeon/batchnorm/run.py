@@ -67,13 +67,21 @@ def run_fold_bn(ref: str, out: str | Path, *, input_shape: tuple[int, ...] | Non
                 overwrite: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
                 dry_run: bool = False) -> dict:
     """Fold every foldable BN of ``ref`` and write ``out``; returns the report (raises on failed checks)."""
-    from normsurgeon.io.loader import load_model
-    from normsurgeon.io.writer import copy_tagalong_files, staging_folder, write_safetensors
-    from normsurgeon.verify.report import SCHEMA, write_report
+    from normsurgeon.io.destination import maybe_claim_output
 
     out = Path(out)
-    if out.exists() and not overwrite and not dry_run:
-        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    with maybe_claim_output(None if dry_run else out, inputs=[ref], overwrite=overwrite) as dest:
+        return _fold_bn(ref, out, dest, input_shape, image_size, batch_size, seed, export, allow_pickle,
+                        trust_remote_code)
+
+
+def _fold_bn(ref: str, out: Path, dest, input_shape: tuple[int, ...] | None, image_size: int | None,
+             batch_size: int, seed: int, export: bool, allow_pickle: bool, trust_remote_code: bool) -> dict:
+    from normsurgeon.io.loader import load_model
+    from normsurgeon.io.writer import copy_tagalong_files, write_safetensors
+    from normsurgeon.verify.report import SCHEMA, write_report
+
+    dry_run = dest is None
     loaded = load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     model = loaded.model
     batches = example_batches(model, input_shape, image_size, batch_size, seed)
@@ -89,9 +97,14 @@ def run_fold_bn(ref: str, out: str | Path, *, input_shape: tuple[int, ...] | Non
               "fold_metrics": check["forms"], "metrics": _lead_metrics(check), "warnings": []}
     if dry_run:
         return report
+    if check["status"] != "pass":
+        worst = "; ".join(f"{k}: max |Δ| {v['max_abs']:.3e} (÷ output scale {v['rel_to_scale']:.3e}), top-1 "
+                          f"{v['top1_agreement']:.4f}" for k, v in check["forms"].items() if not v["ok"])
+        raise VerificationFailed(f"folded model differs from the source beyond tolerance, nothing written: {worst}",
+                                 report)
     section = {"format": FORMAT, "version": 1, "stock_loadable": True, "source_architecture": type(model).__name__,
                "deploy": result.structure}
-    with staging_folder(out, overwrite) as tmp:
+    with dest.staging() as tmp:
         _save_stock(result, loaded, tmp, section)
         (tmp / "deploy").mkdir()
         write_safetensors(result.deploy.state_dict(), tmp / "deploy", max_shard_bytes=5 * 10**9)
@@ -101,9 +114,6 @@ def run_fold_bn(ref: str, out: str | Path, *, input_shape: tuple[int, ...] | Non
         write_report(report, tmp)
         with open(tmp / "equivalence_report.md", "a") as f:
             f.write(units_markdown(result.entries))
-    if check["status"] != "pass":
-        worst = {k: v for k, v in check["forms"].items() if not v["ok"]}
-        raise VerificationFailed(f"folded model differs from the source beyond tolerance: {worst}")
     return report
 
 

@@ -64,9 +64,22 @@ def run_diagnose(model: str, data: str, out: Path | None, *, num_sequences: int 
                  allow_pickle: bool = False, trust_remote_code: bool = False,
                  say: Callable[[str], None] | None = None) -> dict:
     """Diagnose ``model`` on ``data``; write the report into ``out`` (if given); return it as a dict."""
+    from normsurgeon.io.destination import maybe_claim_output
+
     say = say or (lambda msg: None)
     if num_sequences < 1 or seq_len < 2 or micro_batch < 1:
         raise UsageError("--num-seqs and --micro-batch must be >= 1 and --seq-len >= 2")
+    with maybe_claim_output(None if out is None else Path(out), inputs=[model, data, log], overwrite=overwrite,
+                            status=say) as dest:
+        return _diagnose(model, data, dest, num_sequences, seq_len, seed, log, micro_batch, grads, removal,
+                         removal_sequences, grad_sequences, tokenizer, text_field, plots, allow_pickle,
+                         trust_remote_code, say)
+
+
+def _diagnose(model: str, data: str, dest, num_sequences: int, seq_len: int, seed: int, log: str | None,
+              micro_batch: int, grads: bool, removal: bool, removal_sequences: int | None,
+              grad_sequences: int | None, tokenizer: str | None, text_field: str, plots: bool,
+              allow_pickle: bool, trust_remote_code: bool, say: Callable[[str], None]) -> dict:
     lm = load_any(model, allow_pickle, trust_remote_code)
     net = lm.model.float() if lm.dtype in (torch.float16, torch.bfloat16) else lm.model
     cap = max_positions(net)
@@ -80,10 +93,9 @@ def run_diagnose(model: str, data: str, out: Path | None, *, num_sequences: int 
                        removal_sequences=removal_sequences, grad_sequences=grad_sequences, say=say)
     d.spikes = spikes
     report = {"model": model, "data": data_desc, "seed": seed, **d.to_dict()}
-    if out is not None:
-        from normsurgeon.io.writer import staging_folder
-
-        with staging_folder(Path(out), overwrite) as tmp:
+    if dest is not None:
+        out = dest.path
+        with dest.staging() as tmp:
             written, note = [], None
             if plots:
                 from normsurgeon.diagnose.plots import write_plots

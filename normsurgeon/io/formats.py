@@ -20,8 +20,13 @@ True
 """
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
 import torch
 
+from normsurgeon.errors import InputError
 from normsurgeon.modules import CRMSNorm, RMSNorm
 from normsurgeon.module_tree import set_module
 
@@ -31,6 +36,26 @@ CUSTOM_PREFIX = "normsurgeon_"
 def section_of(config: dict) -> dict | None:
     sec = config.get("normsurgeon")
     return sec if isinstance(sec, dict) else None
+
+
+@contextlib.contextmanager
+def section_guard(folder: Path | str) -> Iterator[None]:
+    """Rebuilding a model from its ``normsurgeon`` section: a section that was edited by hand (wrong
+    types, names the model lacks, missing keys) is an input error (exit 5), not an internal one.
+
+    >>> try:
+    ...     with section_guard("out"):
+    ...         {"rmsnorm": "x"}["rmsnorm"].items()
+    ... except InputError as e:
+    ...     print(e.exit_code)
+    5
+    """
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"the normsurgeon section of {folder}/config.json does not describe this checkpoint "
+                         f"(edited by hand?): {type(e).__name__}: {what}"[:400]) from None
 
 
 def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, tuple[int, ...]]) -> None:

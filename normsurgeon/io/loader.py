@@ -17,7 +17,7 @@ import torch
 from normsurgeon.errors import InputError
 from normsurgeon.io.checkpoint import FolderInfo, check_folder
 from normsurgeon.io.factory import resolve_attribute
-from normsurgeon.io.formats import CUSTOM_PREFIX, rebuild_structure, section_of
+from normsurgeon.io.formats import CUSTOM_PREFIX, rebuild_structure, section_guard, section_of
 from normsurgeon.io.resolve import resolve
 
 
@@ -45,20 +45,28 @@ def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool 
     if r.kind == "factory":
         return _load_factory(r.ref)
     section = _peek_section(r.path)
+    if section is None:
+        return _load_folder(ref, r.path, None, allow_pickle, trust_remote_code, stock)
+    with section_guard(r.path):
+        return _load_folder(ref, r.path, section, allow_pickle, trust_remote_code, stock)
+
+
+def _load_folder(ref: str, path: Path, section: dict | None, allow_pickle: bool, trust_remote_code: bool,
+                 stock: bool) -> LoadedModel:
     if section is not None and section.get("format") == "fold-bn":
-        return _load_fold_bn(ref, r.path, section, stock)
+        return _load_fold_bn(ref, path, section, stock)
     if section is not None and not stock and section.get("format") == "placement" \
             and not section.get("stock_loadable", False):
         from normsurgeon.placement.io import load_placed
 
-        return load_placed(r.path)
+        return load_placed(path)
     if section is not None and not stock and section.get("format") == "prepbn":
         from normsurgeon.prepbn.export import load_prepbn
 
-        model = load_prepbn(r.path)
-        cfg = json.loads((r.path / "config.json").read_text())
-        return LoadedModel(model, ref, "folder", r.path, cfg, next(model.parameters()).dtype, section)
-    info = check_folder(r.path, allow_pickle=allow_pickle)
+        model = load_prepbn(path)
+        cfg = json.loads((path / "config.json").read_text())
+        return LoadedModel(model, ref, "folder", path, cfg, next(model.parameters()).dtype, section)
+    info = check_folder(path, allow_pickle=allow_pickle)
     if section is not None and not section.get("stock_loadable", False) and not stock:
         model = _load_custom(info, section)
     else:
@@ -67,7 +75,7 @@ def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool 
             _swap_norms(model, section)
     model.eval()
     dtype = next(model.parameters()).dtype
-    return LoadedModel(model, ref, "folder", r.path, info.config, dtype, section)
+    return LoadedModel(model, ref, "folder", path, info.config, dtype, section)
 
 
 def _peek_section(path: Path) -> dict | None:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from normsurgeon.errors import UsageError
+from normsurgeon.io.destination import claim_output
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
@@ -28,34 +28,11 @@ _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin
 
 
 @contextlib.contextmanager
-def staging_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty staging folder; on success move it to ``out``, on failure delete it."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+def staging_folder(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Claim ``out`` (``destination.claim_output``: path rules, lock) and yield an empty staging folder;
+    on success it is moved to ``out``, on failure deleted."""
+    with claim_output(out, inputs=inputs, overwrite=overwrite) as dest, dest.staging() as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_folder(tmp, out)
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Move the complete folder ``tmp`` to ``out``, replacing whatever is there (renames, then cleanup)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_size(text: str | int) -> int:

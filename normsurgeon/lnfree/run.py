@@ -25,7 +25,8 @@ from normsurgeon import __version__
 from normsurgeon.errors import UsageError, VerificationFailed
 from normsurgeon.io.formats import CUSTOM_PREFIX
 from normsurgeon.io.loader import LoadedModel, load_model
-from normsurgeon.io.writer import copy_tagalong_files, staging_folder, write_safetensors
+from normsurgeon.io.destination import Destination, claim_output
+from normsurgeon.io.writer import copy_tagalong_files, write_safetensors
 from normsurgeon.lnfree.calibrate import calibrate
 from normsurgeon.lnfree.export import BIG_EPS, StockFormUnavailable, build_stock_model, fold_native
 from normsurgeon.lnfree.hooks import LnRemovalHooks
@@ -36,7 +37,7 @@ from normsurgeon.lnfree.sites import Sites, install
 from normsurgeon.train.checkpoint import latest_checkpoint
 from normsurgeon.train.data import check_fits, heldout_windows, load_token_data, tokenizer_for
 from normsurgeon.train.evaluate import heldout_loss
-from normsurgeon.train.loop import TrainHooks, make_accelerator, train
+from normsurgeon.train.loop import TrainHooks, is_main_process, make_accelerator, train
 from normsurgeon.train.options import TrainingRunOptions
 from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, output_metrics
 
@@ -76,20 +77,23 @@ def remove_ln(model: str, out: str | Path, opts: RemoveLnOptions,
         raise UsageError(f"--to must be one of {TARGETS}, not {opts.to!r}")
     if opts.data is None:
         raise UsageError("--data is required: the scales are calibrated (and the model fine-tuned) on text")
-    if out.exists() and not opts.overwrite and opts.stop_after is None:
-        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     if opts.control and not opts.finetune:
         raise UsageError("--control fine-tunes a with-norm copy; it needs --finetune")
     rec = resolve_recipe(opts)
-    cfg = rec.train
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else Path(str(out) + ".checkpoints")
+    with claim_output(out, inputs=[model, opts.data, opts.tokenizer], overwrite=opts.overwrite or
+                      opts.stop_after is not None, status=status, also=[("--checkpoint-dir", ckpt_dir)],
+                      lock=is_main_process()) as dest:
+        return _remove_ln(model, dest, opts, rec, ckpt_dir, status, t0)
 
+
+def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: RemoveLnRecipe, ckpt_dir: Path,
+               status: Callable[[str], None], t0: float) -> dict:
+    out, cfg = dest.path, rec.train
     acc = make_accelerator()
     rank, world = acc.process_index, acc.num_processes
     status("loading the model")
     src = load_model(model, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
-    if src.path is not None and out.resolve() == src.path.resolve():
-        raise UsageError("the output folder is the input folder; inputs are never modified")
     vocab = getattr(getattr(src.model, "config", None), "vocab_size", None)
     tok = tokenizer_for(src.path, vocab, opts.tokenizer)
     status(f"loading data ({opts.data}, tokenizer {tok.name})")
@@ -162,7 +166,7 @@ def remove_ln(model: str, out: str | Path, opts: RemoveLnOptions,
         "control_train": _train_summary(ctrl_result, world) if ctrl_result else None,
         "timing_s": round(time.perf_counter() - t0, 1),
     })
-    with staging_folder(out, True) as tmp:
+    with dest.staging() as tmp:
         _write_outputs(tmp, report, src, result, ctrl_result, runner)
     return report
 

@@ -64,7 +64,18 @@ def run_place(model: str, out: Path | None, *, scheme: str | None = None, blocks
               seed: int = 0, calibrate: bool = True, overwrite: bool = False, dry_run: bool = False,
               say: Callable[[str], None] | None = None) -> dict:
     """See the module docstring. ``scheme`` or ``blocks`` (a per-block spec string) must be given."""
+    from normsurgeon.io.destination import maybe_claim_output
+
     say = say or (lambda msg: None)
+    target = None if out is None or dry_run else Path(out)
+    with maybe_claim_output(target, inputs=[model, data], overwrite=overwrite, status=say) as dest:
+        return _place(model, dest, scheme, blocks, options, from_config, data, tokenizer, calib_sequences,
+                      eval_sequences, seq_len, seed, calibrate, say)
+
+
+def _place(model: str, dest, scheme: str | None, blocks: str | None, options: dict | None, from_config: bool,
+           data: str | None, tokenizer: str | None, calib_sequences: int, eval_sequences: int, seq_len: int,
+           seed: int, calibrate: bool, say: Callable[[str], None]) -> dict:
     if (scheme is None) == (blocks is None):
         raise UsageError("give exactly one of --scheme or --blocks")
     if scheme is not None and scheme not in SCHEMES:
@@ -112,11 +123,12 @@ def run_place(model: str, out: Path | None, *, scheme: str | None = None, blocks
     else:
         report["evaluation"] = None
         report["notes"].append("from config: fresh random initialisation, no source function to compare")
-    if out is not None and not dry_run:
-        from normsurgeon.io.writer import copy_tagalong_files, staging_folder
+    if dest is not None:
+        from normsurgeon.io.writer import copy_tagalong_files
         from normsurgeon.placement.io import write_placed
 
-        with staging_folder(Path(out), overwrite) as tmp:
+        out = dest.path
+        with dest.staging() as tmp:
             report["output"] = write_placed(net, tmp, source_cfg, fam.name, result.spec, alpha0,
                                             evals[:2] if evals is not None else None)
             report["output"]["tagalong"] = copy_tagalong_files(ref_path if not from_config else None, tmp)

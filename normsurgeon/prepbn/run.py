@@ -138,22 +138,31 @@ def run_prepbn(model: str, out: str | Path, opts: PRepBNOptions, status: Callabl
 
     Returns ``{"status": "interrupted", ...}`` (nothing written) when ``opts.stop_after`` stops training.
     """
-    from normsurgeon.io.loader import load_model
-    from normsurgeon.train.checkpoint import latest_checkpoint
-    from normsurgeon.train.loop import make_accelerator
+    from normsurgeon.io.destination import claim_output
+    from normsurgeon.train.loop import is_main_process
 
     t0 = time.perf_counter()
     out = Path(out)
     if opts.data is None:
         raise UsageError("--data is required: the BatchNorm statistics are calibrated (and the model fine-tuned) on it")
-    if out.exists() and not opts.overwrite and opts.stop_after is None:
-        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     if opts.recalib_batches < 1:
         raise UsageError("--recalib-batches must be at least 1")
+    ckpt_root = Path(opts.checkpoint_dir) if opts.checkpoint_dir else Path(str(out) + ".checkpoints")
+    with claim_output(out, inputs=[model, opts.data, opts.tokenizer], overwrite=opts.overwrite or
+                      opts.stop_after is not None, status=status, also=[("--checkpoint-dir", ckpt_root)],
+                      lock=is_main_process()) as dest:
+        return _run_prepbn(model, dest, opts, ckpt_root, status, t0)
+
+
+def _run_prepbn(model: str, dest, opts: PRepBNOptions, ckpt_root: Path, status: Callable[[str], None],
+                t0: float) -> dict:
+    from normsurgeon.io.loader import load_model
+    from normsurgeon.train.checkpoint import latest_checkpoint
+    from normsurgeon.train.loop import make_accelerator
+
+    out = dest.path
     status("loading the model")
     src = load_model(model, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
-    if src.path is not None and out.resolve() == src.path.resolve():
-        raise UsageError("the output folder is the input folder; inputs are never modified")
     task_kind = task_of(src.model)
     sites = find_sites(src.model)
     cfg = train_config(task_kind, opts.overrides)
@@ -175,7 +184,7 @@ def run_prepbn(model: str, out: str | Path, opts: PRepBNOptions, status: Callabl
         from normsurgeon.train.loop import train
 
         hooks = BlendHooks(work, sched)
-        ckpt = (Path(opts.checkpoint_dir) if opts.checkpoint_dir else Path(str(out) + ".checkpoints")) / "prepbn"
+        ckpt = ckpt_root / "prepbn"
         resume = opts.resume and latest_checkpoint(ckpt) is not None
         status(f"fine-tuning {cfg.steps} steps (LN warm-up {sched.warmup}, blend over {sched.steps}, "
                f"pure RepBN from step {sched.end})")
@@ -240,9 +249,9 @@ def run_prepbn(model: str, out: str | Path, opts: PRepBNOptions, status: Callabl
         "data": task.description, "notes": notes,
         "tool": {"normsurgeon": __version__, "torch": torch.__version__},
     }
-    from normsurgeon.io.writer import copy_tagalong_files, staging_folder, write_safetensors
+    from normsurgeon.io.writer import copy_tagalong_files, write_safetensors
 
-    with staging_folder(out, overwrite=True) as tmp:
+    with dest.staging() as tmp:
         write_safetensors(folded.state_dict(), tmp, 5 * 10**9, {"normsurgeon": FORMAT})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         copy_tagalong_files(src.path, tmp)

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from normsurgeon.io.destination import sibling
 from normsurgeon.stream.direct_writer import DirectFile
 from normsurgeon.stream.headers import ShardReader, TensorEntry
 from normsurgeon.stream.plan import CHUNK_BYTES, Job, Output, StreamPlan, row_chunked
@@ -179,7 +180,8 @@ def run_job_chunked(job: Job, plan: StreamPlan, reader: _Reader, write: Callable
 # ----------------------------------------------------------------------------------------------
 
 def partial_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
+    """The resumable staging folder of a streaming conversion to ``out`` (one per destination, no pid)."""
+    return sibling(out, "partial")
 
 
 def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: dict[str, str], resume: bool,

@@ -32,7 +32,7 @@ import torch
 
 from normsurgeon.errors import UnsupportedModel
 from normsurgeon.io.checkpoint import read_config
-from normsurgeon.io.formats import rebuild_structure, section_of
+from normsurgeon.io.formats import rebuild_structure, section_guard, section_of
 from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, read_tensor
 from normsurgeon.stream.malloc_tuning import tune_malloc
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
@@ -48,6 +48,11 @@ def _skeleton(folder: Path) -> tuple[torch.nn.Module, dict, CheckpointIndex]:
     section = section_of(cfg)
     if section is None:
         return meta_model(cfg), cfg, index
+    with section_guard(folder):
+        return _rebuilt_skeleton(cfg, section, index), cfg, index
+
+
+def _rebuilt_skeleton(cfg: dict, section: dict, index: CheckpointIndex) -> torch.nn.Module:
     base = dict(cfg)
     base["model_type"] = section["source_model_type"]
     base.pop("normsurgeon", None)
@@ -61,7 +66,7 @@ def _skeleton(folder: Path) -> tuple[torch.nn.Module, dict, CheckpointIndex]:
             _swap_norms(model, section)
         else:
             rebuild_structure(model, section, shapes)
-    return model, cfg, index
+    return model
 
 
 class LazyWeights:

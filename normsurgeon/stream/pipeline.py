@@ -23,47 +23,69 @@ import torch
 import yaml
 
 from normsurgeon.errors import UsageError, VerificationFailed
-from normsurgeon.io.writer import copy_tagalong_files, parse_size, replace_folder
+from normsurgeon.io.destination import (SPACE_ERRNOS, Destination, claim_output, raise_if_out_of_space,
+                                        replace_folder)
+from normsurgeon.io.writer import copy_tagalong_files, parse_size
+from normsurgeon.transforms.apply import DEFAULT_STEPS
 from normsurgeon.stream.execute import PROGRESS, execute_plan, partial_folder
 from normsurgeon.stream.malloc_tuning import TUNE_FROM_BYTES, tune_malloc
 from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming, validate_options
 
-def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", bias_policy: str | None = None,
+def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", recipe: str | Path | None = None,
+                   bias_policy: str | None = None,
                    dtype: str | None = None, max_shard_size: str | int = "5GB", max_memory: str | int | None = None,
                    resume: bool = False, overwrite: bool = False, verify: str = "auto",
                    status: Callable[[str], None] = lambda s: None,
                    on_group_done: Callable[[str], None] | None = None, direct_io: bool | None = None) -> dict:
     """Convert the safetensors folder ``source`` group by group and write it to ``out``; return the report.
 
-    ``verify``: "auto" (whole-model when both models fit in memory, else layer by layer), "whole",
-    "layerwise" or "none". ``max_memory`` refuses (exit 6) a plan whose estimated peak is above it.
+    ``recipe``: a recipe file or built-in name (overrides ``to``); its steps must be the standard steps
+    of its target, which are what the streaming executor runs. ``verify``: "auto" (whole-model when
+    both models fit in memory, else layer by layer), "whole", "layerwise" or "none". ``max_memory``
+    refuses (exit 6) a plan whose estimated peak is above it.
     ``on_group_done(name)`` is called from the writer thread once every byte of a group is written and
     recorded in ``progress.json`` (so also for groups finished after an interrupt in the main thread).
     ``direct_io``: write the shards with ``O_DIRECT`` where the file system allows it (past the page
     cache; ``stream/direct_writer.py``), else through the page cache; None: on unless the environment
     sets ``NORMSURGEON_DIRECT_IO=0``.
     """
-    from normsurgeon.convert import _config_json, _versions, parse_dtype
-    from normsurgeon.recipes import recipe_for_target
-    from normsurgeon.verify.report import to_markdown, write_report
+    from normsurgeon.convert import load_conversion_recipe
 
     t0 = time.perf_counter()
     source, out = Path(source), Path(out)
-    if direct_io is None:
-        direct_io = os.environ.get("NORMSURGEON_DIRECT_IO", "1") != "0"
-    if sum(f.stat().st_size for f in source.glob("*.safetensors")) >= TUNE_FROM_BYTES:
-        tune_malloc()  # predictable resident memory; before planning (stream/malloc_tuning.py)
-    rec = recipe_for_target(to)
+    rec = load_conversion_recipe(recipe, to)
+    if rec.steps != DEFAULT_STEPS[rec.target]:
+        raise UsageError(f"recipe {rec.name!r} lists its own steps ({', '.join(rec.steps)}); streaming runs the "
+                         f"standard {rec.target} steps only: convert in memory (without --stream)")
     policy = bias_policy or rec.bias_policy
-    validate_options(to, policy)
+    validate_options(rec.target, policy)
     if verify not in ("auto", "whole", "layerwise", "none"):
         raise UsageError(f"verify must be auto, whole, layerwise or none, not {verify!r}")
-    if out.exists() and not overwrite:
-        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.resolve() == source.resolve():
-        raise UsageError("the output folder is the input folder; inputs are never modified")
     budget = parse_size(max_memory) if max_memory is not None else None
     max_bytes = parse_size(max_shard_size)
+    if direct_io is None:
+        direct_io = os.environ.get("NORMSURGEON_DIRECT_IO", "1") != "0"
+    keep = [partial_folder(out)] if resume else []
+    with claim_output(out, inputs=[source], overwrite=overwrite, status=status, keep=keep) as dest:
+        try:
+            return _stream_convert(source, dest, rec, policy, dtype, budget, max_bytes, resume, verify, status,
+                                   on_group_done, direct_io, t0)
+        except OSError as e:
+            if e.errno in SPACE_ERRNOS:  # a full disk: nothing to resume into; free the space
+                shutil.rmtree(partial_folder(out), ignore_errors=True)
+                raise_if_out_of_space(e, out)
+            raise
+
+
+def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: str | None, budget: int | None,
+                    max_bytes: int, resume: bool, verify: str, status: Callable[[str], None],
+                    on_group_done: Callable[[str], None] | None, direct_io: bool, t0: float) -> dict:
+    from normsurgeon.convert import _config_json, _versions, parse_dtype
+    from normsurgeon.verify.report import failure_line, write_report
+
+    out, to = dest.path, rec.target
+    if sum(f.stat().st_size for f in source.glob("*.safetensors")) >= TUNE_FROM_BYTES:
+        tune_malloc()  # predictable resident memory; before planning (stream/malloc_tuning.py)
 
     status("planning from config.json, the safetensors headers and the norm shifts")
     plan = plan_streaming(source, to, policy, parse_dtype(dtype), read_shifts=True)
@@ -72,8 +94,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     t_plan = time.perf_counter() - t0
 
     tmp = partial_folder(out)
-    if tmp.exists() and not resume:
-        shutil.rmtree(tmp)
+    if resume and tmp.exists():
+        status(f"resuming the partial output {tmp.name}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         stats = execute_plan(plan, tmp, max_bytes, {"normsurgeon_recipe": rec.name}, resume, status, on_group_done,
@@ -121,9 +143,9 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     write_report(report, tmp)
     if report["status"] == "fail":
         shutil.rmtree(tmp, ignore_errors=True)
-        raise VerificationFailed("the converted checkpoint is not equivalent to the source; nothing was "
-                                 "written:\n" + to_markdown(report))
+        raise VerificationFailed(f"verification failed, nothing written: {failure_line(report)}", report)
     (tmp / PROGRESS).unlink(missing_ok=True)
+    dest.check_free()
     replace_folder(tmp, out)
     return report
 

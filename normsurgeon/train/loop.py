@@ -97,6 +97,12 @@ def make_accelerator():
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
+def is_main_process() -> bool:
+    """Whether this process is the main one of a (possibly multi-process) launch, known before the
+    accelerator exists (torchrun and ``accelerate launch`` set ``RANK``): only it claims the output."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def train(model: torch.nn.Module, data: TokenData | TrainTask, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = False,
           stop_after: int | None = None, log: Callable[[str], None] | None = None,

@@ -68,6 +68,31 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failure_line(report: dict) -> str:
+    """One line for a failed verification: the failing metric, its threshold, where the error appears.
+
+    >>> failure_line({"metrics": {"max_abs_logprob": {"value": 0.2, "threshold": 0.15, "ok": False}},
+    ...               "per_layer": [{"point": "h.0", "resid_rel_l2": 1e-9}, {"point": "h.1", "resid_rel_l2": 0.3}]})
+    'max |Δ log-prob| 0.2 > threshold 0.15; the error first appears at h.1 (residual rel. L2 0.3)'
+    """
+    parts = []
+    for name, m in report.get("metrics", {}).items():
+        if m.get("ok") is False:
+            op = "<" if name.startswith("top1") else ">"
+            parts.append(f"{_LABELS.get(name, name)} {_fmt(m['value'])} {op} threshold {_fmt(m['threshold'])}")
+    stock = report.get("stock_load")
+    if stock and stock.get("status") == "fail":
+        v = stock["metrics"]["max_abs_logprob"]["value"]
+        parts.append(f"loaded with stock {stock.get('loaded_as')}: max |Δ log-prob| {_fmt(v)}")
+    line = "; ".join(parts[:2]) or "outputs differ beyond the tolerance"
+    points = report.get("per_layer") or []
+    worst = max((p["resid_rel_l2"] for p in points), default=0.0)
+    first = next((p for p in points if worst > 0 and p["resid_rel_l2"] >= 0.1 * worst), None)
+    if first is not None:
+        line += f"; the error first appears at {first['point']} (residual rel. L2 {_fmt(first['resid_rel_l2'])})"
+    return line
+
+
 def write_report(report: dict, folder: Path) -> None:
     (folder / "equivalence_report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "equivalence_report.md").write_text(to_markdown(report))
