@@ -111,7 +111,7 @@ def verification_exit(report: dict) -> int:
 def _status(enabled: bool):
     def say(msg: str) -> None:
         if enabled:
-            err_console.print(f"[dim]· {msg}[/]", highlight=False)
+            err_console.print(f"[dim]· {escape(msg)}[/]", highlight=False, soft_wrap=True)
     return say
 
 
@@ -216,7 +216,7 @@ def convert(
                 model, out, to=to, recipe=recipe, bias_policy=bias_policy, dtype=dtype, overwrite=overwrite,
                 no_verify=no_verify, max_shard_size=max_shard_size, max_memory=max_memory, resume=resume,
                 dry_run=dry_run, verify_mode=verify_mode, json_out=json_out, console=out_console,
-                status=_status(not json_out))
+                status=_status(not json_out), streamed_for_memory=not (stream or resume or max_memory is not None))
         return convert_in_memory()
 
     def convert_in_memory() -> int:

@@ -248,7 +248,7 @@ class Destination:
 def raise_if_out_of_space(e: BaseException, out: Path) -> None:
     """Turn a full-disk (or file-size limit) OSError into ResourceError (exit 6)."""
     if isinstance(e, OSError) and e.errno in SPACE_ERRNOS:
-        raise ResourceError(f"no space left writing {out} ({os.strerror(e.errno)}); the partial output was "
+        raise ResourceError(f"not enough space to write {out} ({os.strerror(e.errno)}); the partial output was "
                             "removed, nothing was written") from None
 
 
@@ -331,7 +331,7 @@ def user_error_for(e: OSError, outputs: Iterable[str | Path | None] = ()) -> Nor
     from normsurgeon.errors import InputError
 
     if e.errno in SPACE_ERRNOS:
-        return ResourceError(f"no space left on the device ({os.strerror(e.errno)}); nothing was written")
+        return ResourceError(f"not enough space to write ({os.strerror(e.errno)}); nothing was written")
     why = e.strerror or type(e).__name__
     name = os.fsdecode(e.filename) if e.filename is not None else None
     shown = name if name is None or len(name) <= 120 else name[:60] + "…" + name[-40:]

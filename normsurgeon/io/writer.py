@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -68,6 +70,24 @@ def unique_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file``, with the library's I/O failures (a full disk, a read-only folder) raised as the
+    OSError they are, so the caller reports them with the right exit code."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors raises its own error type around the OS error
+        m = _OS_ERROR.search(str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int,
                       metadata: dict[str, str] | None = None) -> list[str]:
     """Write ``state`` as one file, or as byte-limited shards plus ``model.safetensors.index.json``."""
@@ -83,12 +103,12 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_by
         shards[-1][k] = v
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
+        _save(shards[0], folder / "model.safetensors", meta)
         return ["model.safetensors"]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata=meta)
+        _save(shard, folder / name, meta)
         names.append(name)
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
