@@ -403,3 +403,16 @@ def test_sigkill_midway_then_rerun_cleans_up(proj, tmp_path, stream):
     assert again.returncode == 0, again.stderr
     assert staged[0] in again.stderr and "removed" in again.stderr
     assert leftovers(out) == ["out"] and tree_digest(proj) == before
+
+
+def test_a_replacement_killed_between_its_renames_restores_the_previous_output(capfd, proj, tmp_path):
+    """replace_folder moves OUT aside before moving the new folder in: a kill in between must not lose it."""
+    out = tmp_path / "out"
+    assert cli(capfd, "convert", proj / "m", "-o", out)[0] == 0
+    before = tree_digest(out)
+    aside = sibling(out, "old", _dead_pid())
+    os.replace(out, aside)  # what the killed run had done
+    code, _, err = cli(capfd, "convert", proj / "m", "-o", out)  # no --overwrite: the restored output exists
+    assert code == 2 and "already exists" in err and "restored" in err
+    assert {k.replace(str(aside), str(out)): v for k, v in tree_digest(out).items()} == before
+    assert leftovers(out) == ["out"]

@@ -210,6 +210,11 @@ class Destination:
             pid = int(m.group(1)) if m else None
             if pid is not None and pid != os.getpid() and _pid_alive(pid):
                 continue
+            if kind.startswith("old") and not self.path.exists() and entry.is_dir():
+                # killed between the two renames of replace_folder: this is the previous output, the only copy
+                os.replace(entry, self.path)
+                self.status(f"restored {self.path} from {entry.name} (a replacement was interrupted)")
+                continue
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() \
                 else entry.unlink(missing_ok=True)
             who = f"process {pid}, no longer running" if pid is not None else "an interrupted run"
@@ -295,6 +300,7 @@ def claim_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (), o
         raise UsageError(f"cannot write the output {out}: {e.strerror or e}") from None
     try:
         dest.remove_stale(keep)
+        dest.check_free()  # again: a restored previous output counts
         yield dest
     finally:
         dest.unlock()
