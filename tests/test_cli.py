@@ -117,10 +117,14 @@ def test_existing_output_exit_2_and_kept(saved_family, tmp_path):
     code, out = run("convert", saved_family("gpt2"), "-o", out_dir)
     assert code == 2 and "--overwrite" in _one_line_error(out)
     assert (out_dir / "keep.txt").read_text() == "mine"
-    code, out = run("convert", saved_family("gpt2"), "-o", out_dir, "--overwrite", "--json")
+    code, out = run("convert", saved_family("gpt2"), "-o", out_dir, "--overwrite")  # not ours: never replaced
+    assert code == 2 and "not a normsurgeon output" in _one_line_error(out)
+    assert (out_dir / "keep.txt").read_text() == "mine"
+    (out_dir / "keep.txt").unlink()  # an empty folder, or an earlier output, is replaced
+    assert run("convert", saved_family("gpt2"), "-o", out_dir, "--overwrite")[0] == 0
+    code, out, _ = run_json("convert", saved_family("gpt2"), "-o", out_dir, "--overwrite", "--json")
     assert code == 0
     assert json.loads(out)["status"] == "pass"
-    assert not (out_dir / "keep.txt").exists()
 
 
 def test_bad_target_exit_2(saved_family, tmp_path):

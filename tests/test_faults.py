@@ -416,3 +416,16 @@ def test_a_replacement_killed_between_its_renames_restores_the_previous_output(c
     assert code == 2 and "already exists" in err and "restored" in err
     assert {k.replace(str(aside), str(out)): v for k, v in tree_digest(out).items()} == before
     assert leftovers(out) == ["out"]
+
+
+@pytest.mark.parametrize("command", ["convert", "convert --stream", "diagnose"])
+def test_overwrite_never_replaces_a_folder_that_is_not_ours(capfd, proj, tmp_path, command):
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    (home / "photos" / "a.jpg").write_bytes(b"\xff\xd8" * 100)
+    (home / "config.json").write_text('{"not": "a normsurgeon output"}')
+    before = tree_digest(home, proj)
+    result = cli(capfd, *WRITERS[command](proj / "m", home, proj / "data.txt"), "--overwrite")
+    assert_failed_cleanly(result, 2, None, before, home, proj, words=("not a normsurgeon output",))
+    assert cli(capfd, *WRITERS[command](proj / "m", tmp_path / "ours", proj / "data.txt"))[0] == 0
+    assert cli(capfd, *WRITERS[command](proj / "m", tmp_path / "ours", proj / "data.txt"), "--overwrite")[0] == 0

@@ -143,6 +143,32 @@ def check_output_path(out: Path, inputs: Iterable[Path] = (), what: str = "outpu
             raise UsageError(f"{what} {out} is inside the {against} folder {given}; {keep_safe}")
 
 
+def is_replaceable(folder: Path) -> bool:
+    """An empty folder, or one a normsurgeon command wrote (a ``normsurgeon`` section in config.json, or a
+    ``*report*.json`` of ours at the top).
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); is_replaceable(d)
+    True
+    >>> _ = (d / "notes.txt").write_text("mine"); is_replaceable(d)
+    False
+    """
+    import json
+
+    entries = list(folder.iterdir())
+    if not entries:
+        return True
+    names = {p.name for p in entries}
+    if any(n.endswith(".json") and "report" in n for n in names):
+        return True
+    if "config.json" in names:
+        try:
+            return isinstance(json.loads((folder / "config.json").read_text()).get("normsurgeon"), dict)
+        except (OSError, ValueError, AttributeError):
+            return False
+    return False
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -224,9 +250,16 @@ class Destination:
 
     # -- staging ---------------------------------------------------------------------------------
     def check_free(self) -> None:
-        """The destination must not exist unless overwriting (checked again just before the move)."""
-        if self.path.exists() and not self.overwrite:
+        """The destination must not exist unless overwriting (checked again just before the move), and
+        --overwrite replaces only an empty folder or an earlier normsurgeon output, never a folder of
+        anything else (``-o ~ --overwrite`` must not delete a home folder)."""
+        if not self.path.exists():
+            return
+        if not self.overwrite:
             raise UsageError(f"output {self.path} already exists; pass --overwrite to replace it")
+        if not is_replaceable(self.path):
+            raise UsageError(f"output {self.path} exists and is not a normsurgeon output; --overwrite replaces only "
+                             "those (or an empty folder): remove it yourself or choose another output")
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
