@@ -18,6 +18,7 @@ import torch
 
 from normsurgeon.errors import UnsupportedModel
 from normsurgeon.graph.normmap import NormMap
+from normsurgeon.transforms.refusals import Refusal, summarize
 
 TARGETS = ("rmsnorm", "crmsnorm")
 BIAS_POLICIES = ("stock", "fold-all")
@@ -60,58 +61,72 @@ class RmsPlan:
         return d
 
 
-def refusal_reasons(nm: NormMap, target: str) -> list[str]:
-    """Every structure that prevents an exact Pre-LN -> Pre-RMSNorm conversion (empty when none)."""
-    reasons: list[str] = []
+def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
+    """Every structure that prevents an exact Pre-LN -> Pre-RMSNorm conversion (empty when none), in the
+    order found, each tagged with its kind and place (``refusals.summarize`` makes the one-line error)."""
+    reasons: list[Refusal] = []
     res = nm.residual_norms
     if not res:
-        return ["no norm on the residual stream was found"]
+        return [Refusal("no norm on the residual stream was found", "no-stream")]
     fams = {n.kind.family for n in res}
     if fams <= {"rmsnorm", "rmsnorm_offset"}:
         kinds = sorted({n.kind.class_name for n in res})
         offset = " (offset (1+w) gains)" if "rmsnorm_offset" in fams else ""
-        return [f"the model already uses RMSNorm{offset} ({', '.join(kinds)}): nothing to convert; "
-                "centering an RMSNorm model's residual is not function-preserving"]
+        return [Refusal(f"the model already uses RMSNorm{offset} ({', '.join(kinds)}): nothing to convert; "
+                        "centering an RMSNorm model's residual is not function-preserving", "already-rms")]
     for n in res:
         if n.kind.family != "layernorm":
-            reasons.append(f"`{n.name}` is a {n.kind.family} ({n.kind.class_name}) mixed with LayerNorms")
+            reasons.append(Refusal(f"`{n.name}` is a {n.kind.family} ({n.kind.class_name}) mixed with LayerNorms",
+                                   "mixed", n.name))
         if n.kind.eps is None:
-            reasons.append(f"`{n.name}` ({n.kind.class_name}) has no readable epsilon")
+            reasons.append(Refusal(f"`{n.name}` ({n.kind.class_name}) has no readable epsilon", "eps", n.name))
         if n.role == "post":
             with_ = ", ".join(f"`{w}`" for w in n.summed_with[:3])
-            reasons.append(f"Post-LN: `{n.name}` normalizes the residual stream itself (its output is the "
-                           f"stream, added to {with_ or 'later terms'}), so its centering cannot be moved into "
-                           "the weights" + (" (or positions are added after the norm)"
-                                            if n.summed_with and all(w in nm.embedding_tables for w in n.summed_with)
-                                            else ""))
+            positions = bool(n.summed_with) and all(w in nm.embedding_tables for w in n.summed_with)
+            reasons.append(Refusal(
+                f"Post-LN: `{n.name}` normalizes the residual stream itself (its output is the stream, added to "
+                f"{with_ or 'later terms'}), so its centering cannot be moved into the weights"
+                + (" (or positions are added after the norm)" if positions else ""),
+                "post-positions" if positions else "post", n.name))
         elif n.role == "output":
-            reasons.append(f"`{n.name}` normalizes a sublayer output before it is added to the residual "
-                           "(Peri-LN/sandwich): its centering cannot be moved into the weights")
+            reasons.append(Refusal(f"`{n.name}` normalizes a sublayer output before it is added to the residual "
+                                   "(Peri-LN/sandwich): its centering cannot be moved into the weights", "output",
+                                   n.name))
         elif n.role == "embedding" and not _bakeable(nm, n.name):
-            reasons.append(f"embedding norm `{n.name}` reads more than one table (positions added before "
-                           "it), so it cannot be baked into a table")
+            reasons.append(Refusal(f"embedding norm `{n.name}` reads more than one table (positions added before "
+                                   "it), so it cannot be baked into a table", "embedding", n.name))
         elif n.role in ("pre", "final"):
-            reasons.extend(f"`{n.name}`: {p}" for p in n.problems)
+            reasons.extend(Refusal(f"`{n.name}`: {p}", "norm", n.name) for p in n.problems)
         if n.calls > 1:
-            reasons.append(f"`{n.name}` is called {n.calls} times in one forward pass")
-    reasons.extend(nm.stream_problems)
+            reasons.append(Refusal(f"`{n.name}` is called {n.calls} times in one forward pass", "calls", n.name))
+    reasons.extend(Refusal(p, "stream", _quoted(p, 1)) for p in nm.stream_problems)
     if nm.other_norm_ops:
-        reasons.append("functional norm calls outside any module (" + ", ".join(nm.other_norm_ops) +
-                       "): the map cannot see what they normalize")
+        reasons.append(Refusal("functional norm calls outside any module (" + ", ".join(nm.other_norm_ops) +
+                               "): the map cannot see what they normalize", "functional"))
     for w in nm.writers:
         if w.kind in ("buffer", "other"):
-            reasons.append(f"residual writer `{w.name}` is a {w.kind} that cannot be rewritten in the checkpoint")
+            reasons.append(Refusal(f"residual writer `{w.name}` is a {w.kind} that cannot be rewritten in the "
+                                   "checkpoint", "writer", w.name))
         elif w.kind == "norm" and not any(n.name == w.name and n.role == "embedding" for n in res):
-            reasons.append(f"the output of norm `{w.name}` is added to the residual stream")
+            reasons.append(Refusal(f"the output of norm `{w.name}` is added to the residual stream", "norm-writer",
+                                   w.name))
         elif w.kind != "norm" and nm.hidden_size is not None and w.width != nm.hidden_size:
-            reasons.append(f"residual writer `{w.name}` writes {w.width} features, not {nm.hidden_size}")
+            reasons.append(Refusal(f"residual writer `{w.name}` writes {w.width} features, not {nm.hidden_size}",
+                                   "width", w.name))
     if not nm.by_role("pre"):
-        reasons.append("no Pre-LN norm was found (no norm reads the residual stream before a block)")
+        reasons.append(Refusal("no Pre-LN norm was found (no norm reads the residual stream before a block)", "no-pre"))
     if target == "crmsnorm":
         for n in nm.by_role("final"):
             if n.reads_output:
-                reasons.append(f"`{n.name}`'s output is a model output; Pre-CRMSNorm would change its width")
-    return sorted(set(reasons))
+                reasons.append(Refusal(f"`{n.name}`'s output is a model output; Pre-CRMSNorm would change its width",
+                                       "crms-output", n.name))
+    return list(dict.fromkeys(reasons))
+
+
+def _quoted(text: str, i: int) -> str:
+    """The ``i``-th back-quoted name in ``text`` (0-based), or ''."""
+    parts = text.split("`")
+    return parts[2 * i + 1] if len(parts) > 2 * i + 1 else ""
 
 
 def _bakeable(nm: NormMap, norm_name: str) -> bool:
@@ -147,8 +162,7 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
         raise ValueError(f"target must be one of {TARGETS}")
     reasons = refusal_reasons(nm, target)
     if reasons:
-        raise UnsupportedModel(f"cannot convert {nm.model_class} to Pre-{target.upper().replace('NORM', 'Norm')} "
-                               "exactly: " + "; ".join(reasons))
+        raise UnsupportedModel(summarize(nm.model_class, target, reasons), {"reasons": list(reasons)})
     modules = dict(model.named_modules())
     policy = "fold-all" if target == "crmsnorm" else bias_policy
     notes: list[str] = []
