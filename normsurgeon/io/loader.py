@@ -79,6 +79,8 @@ def _load_folder(ref: str, path: Path, section: dict | None, allow_pickle: bool,
 
 
 def _peek_section(path: Path) -> dict | None:
+    if not (path / "config.json").is_file():  # never open a FIFO or device: check_folder reports it
+        return None
     try:
         return section_of(json.loads((path / "config.json").read_text()))
     except (OSError, json.JSONDecodeError, AttributeError):
@@ -143,18 +145,34 @@ def _model_class(config: dict, trust_remote_code: bool):
 
 
 def _load_hf(info: FolderInfo, trust_remote_code: bool, allow_pickle: bool) -> torch.nn.Module:
+    """``from_pretrained`` reading only the weights ``check_folder`` chose: safetensors with
+    ``use_safetensors=True`` (so transformers cannot fall back to a pickle beside them); pickles, with
+    ``weights_only=True``, only with ``allow_pickle``, also when the safetensors do not cover the model."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cls = _model_class(info.config, trust_remote_code)
-    kwargs = dict(dtype="auto", output_loading_info=True, local_files_only=True)
+    kwargs = dict(dtype="auto", output_loading_info=True, local_files_only=True, weights_only=True)
     if cls is None:
         cls = transformers.AutoModel
         kwargs["trust_remote_code"] = True
     if info.weights_format == "pickle":
-        kwargs["use_safetensors"] = False
-        kwargs["weights_only"] = True
+        return _from_pretrained(cls, info, dict(kwargs, use_safetensors=False))
+    try:
+        return _from_pretrained(cls, info, dict(kwargs, use_safetensors=True))
+    except InputError as e:
+        if not info.pickle_files:
+            raise
+        if not allow_pickle:
+            raise InputError(f"{e}; the folder's pickle weights ({info.pickle_files[0].name}) were not read: pass "
+                             "--allow-pickle to load them with weights_only=True") from None
+    return _from_pretrained(cls, info, dict(kwargs, use_safetensors=False))
+
+
+def _from_pretrained(cls, info: FolderInfo, kwargs: dict) -> torch.nn.Module:
+    """One ``from_pretrained`` call; an unreadable folder or one whose weights do not cover (or do not
+    match) the model is an InputError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -16,23 +16,16 @@ offsets let us read one tensor with ``os.pread`` (no mmap, so no file pages coun
 from __future__ import annotations
 
 import dataclasses
-import json
 import mmap
 import os
-import struct
 from pathlib import Path
 
 import torch
 
 from normsurgeon.errors import InputError
 from normsurgeon.io.checkpoint import SAFETENSORS_INDEX, read_shard_index
+from normsurgeon.io.safetensors_header import DTYPES, read_safetensors_header
 
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 _MAP_BYTES = 1 << 20  # tensors this large are read into their own anonymous memory map
 
@@ -74,47 +67,18 @@ class CheckpointIndex:
 
 
 def read_header(file: Path) -> dict[str, TensorEntry]:
-    """Parse one safetensors header; a truncated or inconsistent file is an InputError."""
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{file.name} is not a readable safetensors file ({e})") from None
-    base = 8 + n
-    out: dict[str, TensorEntry] = {}
-    end_max = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise InputError(f"{file.name}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        shape = tuple(int(s) for s in info["shape"])
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * torch.empty(0, dtype=dtype).element_size():
-            raise InputError(f"{file.name}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
-        out[name] = TensorEntry(name, file, dtype, shape, base + begin, end - begin)
-        end_max = max(end_max, end)
-    if base + end_max > size:
-        raise InputError(f"{file.name} is truncated: its header describes {base + end_max} bytes, the file has {size}")
-    return out
+    """Parse one safetensors header, validated as the safetensors library validates it (a truncated,
+    overlapping or otherwise inconsistent file, or one that is not a regular file, is an InputError)."""
+    header = read_safetensors_header(file)
+    return {name: TensorEntry(name, file, DTYPES[t.dtype], t.shape, header.data_start + t.begin, t.end - t.begin)
+            for name, t in header.tensors.items()}
 
 
 def read_checkpoint_index(folder: Path) -> CheckpointIndex:
     """Headers of every shard, checked against ``model.safetensors.index.json`` before any weight is read."""
     folder = Path(folder)
     index = folder / SAFETENSORS_INDEX
-    if index.is_file():
+    if os.path.lexists(index):  # present but not a regular file: read_shard_index refuses it
         weight_map, files = read_shard_index(folder)
         tensors: dict[str, TensorEntry] = {}
         for f in files:
