@@ -33,7 +33,7 @@ def inspect_model(model: str, *, allow_pickle: bool = False, trust_remote_code: 
         "placement": nm.placement,
         "norms": [{"name": n.name, "class": n.kind.class_name, "family": n.kind.family, "role": n.role,
                    "eps": n.kind.eps, "block": n.block, "readers": [r.name for r in n.readers],
-                   "problems": n.problems} for n in nm.norms],
+                   "problems": n.problems, "keeps_affine": n.keep_affine} for n in nm.norms],
         "writers": [{"name": w.name, "kind": w.kind, "width": w.width} for w in nm.writers],
         "blocks": [{"name": b.name, "placement": b.placement, "norms": b.norms, "writers": b.writers}
                    for b in nm.blocks],

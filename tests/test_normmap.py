@@ -144,3 +144,43 @@ def test_cnn_inspects_with_batchnorms_and_no_rms_recipe():
         isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     with pytest.raises(UnsupportedModel, match="no norm on the residual stream"):
         plan_rms_conversion(model, nm, "rmsnorm")
+
+
+class MeanPooled(torch.nn.Module):
+    """Pre-LN; the final norm is mean-pooled before the classifier (its reader is not a linear layer)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.emb, self.ln1, self.fc = torch.nn.Embedding(20, d), torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+        self.lnf, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, 3)
+        gen = torch.Generator().manual_seed(0)
+        for ln in (self.ln1, self.lnf):
+            ln.weight.data = 1 + 0.5 * torch.randn(d, generator=gen)
+            ln.bias.data = 0.5 * torch.randn(d, generator=gen)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.fc(self.ln1(x))
+        return self.head(self.lnf(x).mean(1))
+
+    def example_inputs(self):
+        return {"ids": torch.randint(0, 20, (2, 5))}
+
+
+def test_a_norm_read_by_pooling_keeps_its_affine_and_the_rest_converts_exactly():
+    import copy
+
+    from normsurgeon.transforms.apply import apply_rms_plan
+    from normsurgeon.transforms.plan import plan_rms_conversion
+
+    model = MeanPooled().double().eval()
+    ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(1))
+    nm = build_norm_map(model)
+    assert nm.norm("lnf").keep_affine and not nm.norm("lnf").problems
+    plan = plan_rms_conversion(model, nm, "rmsnorm")
+    assert plan.kept_gain == ["lnf"] and any(f.norm == "ln1" and f.fold_gain for f in plan.folds)
+    work = copy.deepcopy(model)
+    apply_rms_plan(work, plan)
+    assert (work(ids) - model(ids)).abs().max().item() < 1e-12  # float64
+    with pytest.raises(UnsupportedModel, match="cannot have its affine folded"):
+        plan_rms_conversion(model, nm, "crmsnorm")

@@ -32,6 +32,7 @@ from normsurgeon.graph.norm_kinds import NormKind, classify_norm
 from normsurgeon.graph.decompose import TRANSPARENT, decompose, feature_axis_kept
 from normsurgeon.graph.placement import BlockInfo, block_of, block_placements, find_blocks
 from normsurgeon.graph.trace import DataflowGraph, Node, trace_dataflow
+from normsurgeon.io.example_inputs import example_inputs as build_example_inputs
 
 
 @dataclasses.dataclass
@@ -67,6 +68,10 @@ class NormInfo:
     reads_output: bool = False  # its (transparent) output is a model output
     input_node: int = -1
     summed_with: list[str] = dataclasses.field(default_factory=list)  # terms its output is added to
+    # Why its gain and shift cannot move into its readers (a reader that is not a linear layer: mean
+    # pooling, a token shift, fused expert weights): the affine then stays on the norm, which is still
+    # exact on a centred stream. Not a refusal for Pre-RMSNorm.
+    keep_affine: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -214,17 +219,18 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
             mod = graph.modules[r]
             readers.append(Reader(r, layout_of(mod) if layout_of(mod) in ("linear", "conv1d") else None,
                                   in_features(mod), has_bias(mod)))
+        keep: list[str] = []
         if role in ("pre", "final"):
-            problems.extend(reader_problems)
+            keep.extend(reader_problems)
             for r in readers:
                 if r.layout is None:
-                    problems.append(f"its reader `{r.name}` ({type(graph.modules[r.name]).__name__}) is not a linear layer")
+                    keep.append(f"its reader `{r.name}` ({type(graph.modules[r.name]).__name__}) is not a linear layer")
                 elif r.in_features != kind.size:
-                    problems.append(f"its reader `{r.name}` reads {r.in_features} features, not {kind.size}")
+                    keep.append(f"its reader `{r.name}` reads {r.in_features} features, not {kind.size}")
         partners = sorted({graph.nodes[a].target for t in terms if t is not None and node.idx in t
                            for a in t if a != node.idx})
         norms.append(NormInfo(name, kind, role, block_of(name, blocks), len(calls), readers, stream_writers,
-                              problems, reads_output, in_idx, partners))
+                              problems, reads_output, in_idx, partners, sorted(set(keep))))
 
     writers = []
     for name, wn in sorted(writer_nodes.items(), key=lambda kv: kv[1].idx):
@@ -278,26 +284,7 @@ def _hidden_size(norms: list[NormInfo]) -> int | None:
 
 
 def example_inputs(model: torch.nn.Module, seq_len: int = 8) -> dict[str, Any]:
-    """A tiny deterministic input for tracing, chosen from the model's config (text ids or pixels)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        factory = getattr(model, "example_inputs", None)
-        if callable(factory):
-            ex = factory()
-            return ex if isinstance(ex, dict) else {"input": ex}
-        raise ValueError("a plain torch module needs an `example_inputs()` method to be traced")
-    gen = torch.Generator().manual_seed(0)
-    main = getattr(model, "main_input_name", "input_ids")
-    if main == "pixel_values":
-        size = getattr(cfg, "image_size", 64)  # CNN configs (ResNet, ...) have no image size: any will do
-        size = size if isinstance(size, int) else size[0]
-        return {"pixel_values": torch.randn(1, getattr(cfg, "num_channels", 3), size, size, generator=gen,
-                                            dtype=next(model.parameters()).dtype)}
-    vocab = getattr(cfg, "vocab_size", 256)
-    ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if getattr(cfg, "use_cache", None) is not None:
-        kwargs["use_cache"] = False
-    return kwargs
+    """A tiny deterministic input for tracing, built from the model itself (``io/example_inputs.py``)."""
+    return build_example_inputs(model, seq_len=seq_len)
 
 

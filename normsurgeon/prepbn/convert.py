@@ -64,8 +64,8 @@ def find_sites(model: torch.nn.Module, example: dict[str, Any] | None = None) ->
     for n in chosen:
         if n.kind.family not in FAMILIES or n.kind.size is None:
             raise UnsupportedModel(f"`{n.name}` ({n.kind.class_name}) is not a LayerNorm/RMSNorm over the last axis")
-        if n.problems:
-            raise UnsupportedModel(f"`{n.name}` cannot be folded after fine-tuning: {n.problems[0]}")
+        if n.problems or n.keep_affine:
+            raise UnsupportedModel(f"`{n.name}` cannot be folded after fine-tuning: {(n.problems + n.keep_affine)[0]}")
         if n.reads_output or not n.readers:
             raise UnsupportedModel(f"the output of `{n.name}` is a model output, not read by a linear layer; "
                                    "use the model with its head (e.g. *ForImageClassification, *LMHeadModel)")

@@ -97,6 +97,9 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
                                    "it), so it cannot be baked into a table", "embedding", n.name))
         elif n.role in ("pre", "final"):
             reasons.extend(Refusal(f"`{n.name}`: {p}", "norm", n.name) for p in n.problems)
+            if target == "crmsnorm":  # the d -> d-1 shrink must reach every reader
+                reasons.extend(Refusal(f"`{n.name}`: {p} (Pre-CRMSNorm shrinks every reader)", "norm", n.name)
+                               for p in n.keep_affine)
         if n.calls > 1:
             reasons.append(Refusal(f"`{n.name}` is called {n.calls} times in one forward pass", "calls", n.name))
     reasons.extend(Refusal(p, "stream", _quoted(p, 1)) for p in nm.stream_problems)
@@ -182,6 +185,14 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
     folds, untie, created, kept_shift, kept_gain = [], [], [], [], []
     for n in nm.by_role("pre", "final"):
         readers = [(r.name, r.layout) for r in n.readers]
+        attrs = {"weight_attr": n.kind.weight_attr, "bias_attr": n.kind.bias_attr}
+        if n.keep_affine:  # exact on the centred stream with the affine where it is
+            folds.append(Fold(n.name, readers, False, False, f"{n.keep_affine[0]}; gain and shift stay on the "
+                              "RMSNorm", **attrs))
+            kept_gain.append(n.name)
+            if n.kind.has_bias and getattr(modules[n.name], n.kind.bias_attr, None) is not None:
+                kept_shift.append(n.name)
+            continue
         for r, _ in readers:
             if r in seen_readers:
                 raise UnsupportedModel(f"`{r}` reads both `{seen_readers[r]}` and `{n.name}`")
@@ -190,7 +201,6 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
             if tied_to is not None:
                 untie.append((r, tied_to))
         shift = getattr(modules[n.name], n.kind.bias_attr, None) if n.kind.has_bias else None
-        attrs = {"weight_attr": n.kind.weight_attr, "bias_attr": n.kind.bias_attr}
         has_shift = shift is not None and bool(torch.any(shift != 0))
         missing = [r.name for r in n.readers if not r.has_bias]
         fold, made = decide_fold(n.name, readers, n.reads_output, has_shift, missing, policy, attrs)
