@@ -25,19 +25,19 @@ from normsurgeon.batchnorm.deploy import FORMAT, export_program
 from normsurgeon.batchnorm.fold import FoldResult, fold_batchnorms
 from normsurgeon.batchnorm.verify_fold import verify_fold
 from normsurgeon.errors import UsageError, VerificationFailed
+from normsurgeon.io.example_inputs import random_batches
 
 
 def example_batches(model: torch.nn.Module, input_shape: tuple[int, ...] | None, image_size: int | None,
                     num: int, seed: int) -> list:
-    """Seeded random inputs: ``pixel_values`` for HF vision models, else one tensor of ``input_shape``."""
+    """Seeded random inputs: built from the model itself for HF models (images, audio, text: see
+    ``io/example_inputs.py``), else one tensor of ``input_shape``."""
     gen = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     cfg = getattr(model, "config", None)
-    if input_shape is None and cfg is not None and getattr(model, "main_input_name", None) == "pixel_values":
+    if input_shape is None and cfg is not None:
         size = image_size or getattr(cfg, "image_size", None) or 224
-        size = size if isinstance(size, int) else size[0]
-        shape = (num, getattr(cfg, "num_channels", 3), size, size)
-        return [{"pixel_values": torch.randn(shape, generator=gen).to(dtype)}]
+        return random_batches(model, num, 16, seed, image_size=size)  # 16 tokens or audio frames
     if input_shape is None:
         raise UsageError("cannot tell the model's input: pass --input-shape, e.g. 2,3,32,32")
     return [(torch.randn(tuple(input_shape), generator=gen).to(dtype),)]

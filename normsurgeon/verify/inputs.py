@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from normsurgeon.errors import InputError
+from normsurgeon.io.example_inputs import max_seq_len, random_batches
 
 # A fixed English + code sample so the default batches include natural text as well as random ids.
 BUILTIN_TEXT = (
@@ -71,20 +72,29 @@ def image_batches(image_size: int, channels: int, num: int, seed: int, folder: P
 
 def default_batches(model: torch.nn.Module, model_dir: Path | None, num: int = 4, seq_len: int = 64,
                     seed: int = 0, text_file: Path | None = None, image_dir: Path | None = None) -> list[dict]:
-    cfg = model.config
-    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values" and image_dir is not None:
+        cfg = model.config
         size = getattr(cfg, "image_size", 64)
         size = size if isinstance(size, int) else size[0]
         return image_batches(size, getattr(cfg, "num_channels", 3), num, seed, image_dir)
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or seq_len
-    seq_len = min(seq_len, max_pos)
+    if main != "input_ids" or getattr(model, "config", None) is None:
+        return random_batches(model, num, seq_len, seed)  # images, audio, plain modules
+    cfg = model.config
+    seq_len = min(seq_len, max_seq_len(model) or seq_len)
     if text_file is not None:
         if not Path(text_file).is_file():
             raise InputError(f"no such text file: {text_file}")
-        return text_batches(Path(text_file).read_text(errors="replace"), model_dir, cfg.vocab_size, num, seq_len)
-    batches = random_token_batches(cfg.vocab_size, num, seq_len, seed)
+        text = text_batches(Path(text_file).read_text(errors="replace"), model_dir, cfg.vocab_size, num, seq_len)
+        return _with_other_inputs(model, text, seed)
+    batches = random_batches(model, num, seq_len, seed)
     try:
-        batches += text_batches(BUILTIN_TEXT, model_dir, cfg.vocab_size, 2, seq_len)
+        batches += _with_other_inputs(model, text_batches(BUILTIN_TEXT, model_dir, cfg.vocab_size, 2, seq_len), seed)
     except InputError:
         pass  # no tokenizer and a small vocabulary: random ids only
     return batches
+
+
+def _with_other_inputs(model: torch.nn.Module, batches: list[dict], seed: int) -> list[dict]:
+    """Text ids completed with whatever else the model needs (decoder ids of an encoder-decoder)."""
+    return [{**random_batches(model, *b["input_ids"].shape, seed)[0], **b} for b in batches]

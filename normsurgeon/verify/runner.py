@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from normsurgeon.errors import InputError
+from normsurgeon.io.example_inputs import accepts
 from normsurgeon.verify.metrics import output_metrics, residual_error
 
 
@@ -30,6 +31,11 @@ def _output_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
+
+
+def _no_cache(model: torch.nn.Module, batch: dict) -> dict:
+    """``batch`` with ``use_cache=False`` where the model's forward takes it (never an argument it does not)."""
+    return {**batch, "use_cache": False} if accepts(model, "use_cache") else batch
 
 
 def _capture(model: torch.nn.Module, points: list[str], store: dict[str, torch.Tensor]) -> list:
@@ -57,14 +63,13 @@ def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches:
     positions = 0
     for batch in batches:
         batch = {k: (v.to(compute_dtype) if v.is_floating_point() else v) for k, v in batch.items()}
-        extra = {"use_cache": False} if "input_ids" in batch else {}
         s_store: dict[str, torch.Tensor] = {}
         c_store: dict[str, torch.Tensor] = {}
         hooks = _capture(source, residual_points, s_store) + _capture(converted, residual_points, c_store)
         try:
             with torch.no_grad():
-                s_out = _output_tensor(source(**batch, **extra))
-                c_out = _output_tensor(converted(**batch, **extra))
+                s_out = _output_tensor(source(**_no_cache(source, batch)))
+                c_out = _output_tensor(converted(**_no_cache(converted, batch)))
         finally:
             for h in hooks:
                 h.remove()
@@ -99,8 +104,7 @@ def logprob_gap(a: torch.nn.Module, b: torch.nn.Module, batches: list[dict]) -> 
         for m in (a, b):
             dt = next(m.parameters()).dtype
             x = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in batch.items()}
-            extra = {"use_cache": False} if "input_ids" in x else {}
             with torch.no_grad():
-                outs.append(_output_tensor(m(**x, **extra)).double().log_softmax(-1))
+                outs.append(_output_tensor(m(**_no_cache(m, x))).double().log_softmax(-1))
         gap = max(gap, (outs[0] - outs[1]).abs().max().item())
     return gap
