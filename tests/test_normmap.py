@@ -146,13 +146,15 @@ def test_cnn_inspects_with_batchnorms_and_no_rms_recipe():
         plan_rms_conversion(model, nm, "rmsnorm")
 
 
-class MeanPooled(torch.nn.Module):
-    """Pre-LN; the final norm is mean-pooled before the classifier (its reader is not a linear layer)."""
+class Pooled(torch.nn.Module):
+    """Pre-LN; the final norm is pooled over tokens before the classifier: max pooling (not linear: the
+    norm keeps its affine) or mean pooling (linear over tokens: the affine folds through it)."""
 
-    def __init__(self, d: int = 8):
+    def __init__(self, d: int = 8, pool: str = "amax"):
         super().__init__()
         self.emb, self.ln1, self.fc = torch.nn.Embedding(20, d), torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
         self.lnf, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, 3)
+        self.pool = pool
         gen = torch.Generator().manual_seed(0)
         for ln in (self.ln1, self.lnf):
             ln.weight.data = 1 + 0.5 * torch.randn(d, generator=gen)
@@ -161,19 +163,19 @@ class MeanPooled(torch.nn.Module):
     def forward(self, ids):
         x = self.emb(ids)
         x = x + self.fc(self.ln1(x))
-        return self.head(self.lnf(x).mean(1))
+        return self.head(getattr(self.lnf(x), self.pool)(1))
 
     def example_inputs(self):
         return {"ids": torch.randint(0, 20, (2, 5))}
 
 
-def test_a_norm_read_by_pooling_keeps_its_affine_and_the_rest_converts_exactly():
+def test_a_norm_read_by_max_pooling_keeps_its_affine_and_the_rest_converts_exactly():
     import copy
 
     from normsurgeon.transforms.apply import apply_rms_plan
     from normsurgeon.transforms.plan import plan_rms_conversion
 
-    model = MeanPooled().double().eval()
+    model = Pooled(pool="amax").double().eval()
     ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(1))
     nm = build_norm_map(model)
     assert nm.norm("lnf").keep_affine and not nm.norm("lnf").problems
@@ -184,3 +186,19 @@ def test_a_norm_read_by_pooling_keeps_its_affine_and_the_rest_converts_exactly()
     assert (work(ids) - model(ids)).abs().max().item() < 1e-12  # float64
     with pytest.raises(UnsupportedModel, match="cannot have its affine folded"):
         plan_rms_conversion(model, nm, "crmsnorm")
+
+
+def test_mean_pooling_is_linear_over_tokens_so_the_affine_folds_through_it():
+    import copy
+
+    from normsurgeon.transforms.apply import apply_rms_plan
+    from normsurgeon.transforms.plan import plan_rms_conversion
+
+    model = Pooled(pool="mean").double().eval()
+    ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(1))
+    nm = build_norm_map(model)
+    assert nm.norm("lnf").readers[0].name == "head" and not nm.norm("lnf").keep_affine
+    plan = plan_rms_conversion(model, nm, "crmsnorm")
+    work = copy.deepcopy(model)
+    apply_rms_plan(work, plan)
+    assert (work(ids) - model(ids)).abs().max().item() < 1e-12

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from normsurgeon.graph.layer_scale import scaled_writer
 from normsurgeon.graph.layouts import layout_of
 from normsurgeon.graph.trace import DataflowGraph, Node
 
@@ -29,6 +30,8 @@ TRANSPARENT = {
     "half", "bfloat16", "clone", "expand", "expand_as", "squeeze", "unsqueeze", "__getitem__", "dropout",
     "detach", "movedim", "swapaxes", "unflatten", "alpha_dropout", "feature_alpha_dropout",
 }
+# Sums and means over token (or batch) axes: each output row is a linear combination of input rows.
+TOKEN_REDUCTIONS = {"mean", "sum"}
 _ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
 _SCALE = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__", "neg"}
 _CAT = {"cat", "concat", "concatenate"}
@@ -50,8 +53,11 @@ def decompose(graph: DataflowGraph, norm_names: set[str]) -> list[frozenset[int]
                 t = terms[n.inputs[0]]
             elif n.target in norm_names or layout_of(mod) is not None:
                 t = frozenset([n.idx])
+            elif scaled_writer(graph, n, terms) is not None:  # a layer-scale module on one writer
+                t = frozenset([n.idx])
         elif n.kind == "op" and n.is_float:
-            t = _decompose_op(graph, n, terms)
+            t = frozenset([n.idx]) if n.target in _SCALE and scaled_writer(graph, n, terms) else \
+                _decompose_op(graph, n, terms)
         terms.append(t)
     return terms
 
@@ -59,7 +65,7 @@ def decompose(graph: DataflowGraph, norm_names: set[str]) -> list[frozenset[int]
 def _decompose_op(graph: DataflowGraph, n: Node, terms: list) -> frozenset[int] | None:
     ins = n.inputs
     name = n.target
-    if name in TRANSPARENT and len(ins) >= 1:
+    if (name in TRANSPARENT or name in TOKEN_REDUCTIONS) and len(ins) >= 1:
         return terms[ins[0]] if feature_axis_kept(graph, n) else None
     if name in _ADD:
         if len(ins) == 2:
@@ -94,7 +100,17 @@ def _decompose_op(graph: DataflowGraph, n: Node, terms: list) -> frozenset[int] 
 
 
 def feature_axis_kept(graph: DataflowGraph, n: Node) -> bool:
-    """A transparent op must not slice or mix the feature axis (checked by the last-axis width)."""
+    """A transparent op must not slice or mix the feature axis (checked by the last-axis width); a
+    token reduction (mean pooling) must name its dims, none of them the feature axis."""
+    if n.target in TOKEN_REDUCTIONS:
+        src = graph.nodes[n.inputs[0]]
+        dims = n.kwargs.get("dim", next((a for a in n.scalars if isinstance(a, (int, tuple, list))
+                                         and not isinstance(a, bool)), None))
+        if dims is None or not src.shape or not n.shape:
+            return False
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        last = len(src.shape) - 1
+        return all(d % len(src.shape) != last for d in dims) and n.shape[-1] == src.shape[-1]
     if n.target != "__getitem__":
         return True
     src = graph.nodes[n.inputs[0]]

@@ -29,7 +29,8 @@ import torch
 
 from normsurgeon.graph.layouts import has_bias, in_features, layout_of, out_features
 from normsurgeon.graph.norm_kinds import NormKind, classify_norm
-from normsurgeon.graph.decompose import TRANSPARENT, decompose, feature_axis_kept
+from normsurgeon.graph.decompose import TOKEN_REDUCTIONS, TRANSPARENT, decompose, feature_axis_kept
+from normsurgeon.graph.layer_scale import scaled_writer
 from normsurgeon.graph.placement import BlockInfo, block_of, block_placements, find_blocks
 from normsurgeon.graph.trace import DataflowGraph, Node, trace_dataflow
 from normsurgeon.io.example_inputs import example_inputs as build_example_inputs
@@ -53,6 +54,7 @@ class Writer:
     kind: str  # "linear" | "conv1d" | "embedding" | "conv" | "param" | "buffer" | "norm" | "other"
     width: int | None
     has_bias: bool = False
+    scale: str | None = None  # a layer-scale parameter multiplying its output (graph/layer_scale.py)
 
 
 @dataclasses.dataclass
@@ -144,7 +146,8 @@ def _walk_readers(graph: DataflowGraph, start: int, norm_names: set[str]) -> tup
                     reaches_output |= u in graph.outputs
                 elif node.target not in readers:
                     readers.append(node.target)
-            elif node.kind == "op" and node.target in TRANSPARENT and feature_axis_kept(graph, node):
+            elif node.kind == "op" and (node.target in TRANSPARENT or node.target in TOKEN_REDUCTIONS) \
+                    and feature_axis_kept(graph, node):
                 stack.append(u)
                 reaches_output |= u in graph.outputs
             else:
@@ -185,7 +188,15 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
         if n.kind == "module" and n.target in kinds:
             norm_calls.setdefault(n.target, []).append(n)
 
-    writer_nodes = {graph.nodes[a].target: graph.nodes[a] for a in stream_atoms}
+    scales = {a: sw for a in stream_atoms if graph.nodes[a].kind in ("op", "module")
+              and (sw := scaled_writer(graph, graph.nodes[a], terms)) is not None}
+
+    def atom_name(a: int) -> str:
+        """A stream atom's writer name (a layer-scaled writer is named by its linear layer)."""
+        return graph.nodes[scales[a][0]].target if a in scales else graph.nodes[a].target
+
+    writer_nodes = {atom_name(a): graph.nodes[scales[a][0]] if a in scales else graph.nodes[a] for a in stream_atoms}
+    writer_scale = {atom_name(a): sw[1] for a, sw in scales.items()}
     norms: list[NormInfo] = []
     for name, calls in norm_calls.items():
         kind = kinds[name]
@@ -202,7 +213,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
         elif in_idx >= 0 and kind.size is not None and graph.nodes[in_idx].shape[-1:] == (kind.size,):
             out_in_stream = node.idx in stream_atoms
             if is_stream(in_idx):
-                stream_writers = sorted({graph.nodes[a].target for a in terms[in_idx]})
+                stream_writers = sorted({atom_name(a) for a in terms[in_idx]})
                 if out_in_stream:
                     role = "post"
                 else:
@@ -213,7 +224,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                 lookups = all(layout_of(graph.modules.get(graph.nodes[a].target, torch.nn.Identity())) == "embedding"
                               or graph.nodes[a].kind == "param" for a in atoms) and atoms
                 role = "embedding" if lookups else "output"
-                stream_writers = sorted({graph.nodes[a].target for a in atoms})
+                stream_writers = sorted({atom_name(a) for a in atoms})
         readers = []
         for r in readers_names:
             mod = graph.modules[r]
@@ -227,7 +238,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                     keep.append(f"its reader `{r.name}` ({type(graph.modules[r.name]).__name__}) is not a linear layer")
                 elif r.in_features != kind.size:
                     keep.append(f"its reader `{r.name}` reads {r.in_features} features, not {kind.size}")
-        partners = sorted({graph.nodes[a].target for t in terms if t is not None and node.idx in t
+        partners = sorted({atom_name(a) for t in terms if t is not None and node.idx in t
                            for a in t if a != node.idx})
         norms.append(NormInfo(name, kind, role, block_of(name, blocks), len(calls), readers, stream_writers,
                               problems, reads_output, in_idx, partners, sorted(set(keep))))
@@ -242,7 +253,8 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
             if name in kinds:
                 writers.append(Writer(name, "norm", kinds[name].size))
             else:
-                writers.append(Writer(name, layout_of(mod) or "other", out_features(mod), has_bias(mod)))
+                writers.append(Writer(name, layout_of(mod) or "other", out_features(mod), has_bias(mod),
+                                      writer_scale.get(name)))
 
     stream_problems = _stream_problems(graph, terms, stream_atoms, is_stream, kinds)
     hidden = _hidden_size(norms)

@@ -205,6 +205,10 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
     nm = build_norm_map(probe)
     policy = "fold-all" if target == "crmsnorm" else bias_policy
     probe_plan = plan_rms_conversion(probe, nm, target, policy)
+    if probe_plan.layer_scales:
+        first = next(iter(probe_plan.layer_scales.values()))
+        raise UnsupportedModel(f"layer scales ({len(probe_plan.layer_scales)} in the probe, e.g. `{first}`) are "
+                               "folded by the in-memory conversion only: run without --stream")
     exp = Expander(block_lists(probe), block_lists(full))
     check_alike(probe_plan, exp)
     plan = expand_plan(probe_plan, exp)

@@ -22,7 +22,7 @@ from normsurgeon.module_tree import set_module
 from normsurgeon.modules import CRMSNorm, RMSNorm
 from normsurgeon.transforms.plan import RmsPlan
 from normsurgeon.transforms.primitives import (bake_norm_into_table, center_writer, fold_affine_into_reader,
-                                               shrink_reader, shrink_writer)
+                                               fold_scale_into_writer, shrink_reader, shrink_writer)
 
 
 def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -80,8 +80,14 @@ def center_writers(model: torch.nn.Module, plan: RmsPlan) -> None:
     for name, kind in plan.center:
         if kind == "param":
             center_writer(None, params[name])
-        else:
-            center_writer(modules[name])
+            continue
+        scale = plan.layer_scales.get(name)
+        if scale is not None:  # gamma * W(h): fold gamma into W first (graph/layer_scale.py), gamma := 1
+            mod, gamma = modules[name], params[scale]
+            with torch.no_grad():
+                fold_scale_into_writer(mod.weight, getattr(mod, "bias", None), kind, gamma.detach())
+                gamma.fill_(1.0)
+        center_writer(modules[name])
 
 
 def replace_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
@@ -106,6 +112,9 @@ def shrink_residual(model: torch.nn.Module, plan: RmsPlan) -> None:
             shrink_writer(None, owner, attr)
         else:
             shrink_writer(modules[name])
+    for scale in plan.layer_scales.values():  # all ones after centring: keep d-1 of them
+        owner, attr = _parent(model, scale)
+        shrink_writer(None, owner, attr)
     for f in plan.folds:
         for reader, _ in f.readers:
             shrink_reader(modules[reader])

@@ -49,6 +49,7 @@ class RmsPlan:
     kept_shift: list[str]
     kept_gain: list[str]
     notes: list[str]
+    layer_scales: dict[str, str] = dataclasses.field(default_factory=dict)  # writer -> its layer-scale param
 
     @property
     def stock_loadable(self) -> bool:
@@ -214,5 +215,8 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
     if untie:
         extra = sum(modules[r].weight.numel() for r, _ in untie)
         notes.append(f"untied {', '.join(r for r, _ in untie)} from the embedding: +{extra:,} parameters")
+    scales = {w.name: w.scale for w in nm.writers if w.scale is not None}
+    if scales:
+        notes.append(f"folded {len(scales)} layer scale(s) into their writers (the scales become 1)")
     return RmsPlan(target, policy, int(nm.hidden_size), untie, bake, center, folds, replace, created,
-                   kept_shift, kept_gain, notes)
+                   kept_shift, kept_gain, notes, scales)

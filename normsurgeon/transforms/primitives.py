@@ -71,6 +71,24 @@ def fold_affine_into_reader(module: torch.nn.Module, layout: str, gain: torch.Te
     return ok
 
 
+def fold_scale_into_writer(w: torch.Tensor, bias: torch.Tensor | None, layout: str, gamma: torch.Tensor) -> None:
+    """In place: ``gamma * (W h + b)`` becomes ``W' h + b'`` with W' = diag(gamma) W, b' = gamma * b (a
+    layer scale folded into its writer); the caller then sets gamma to 1.
+
+    >>> w = torch.ones(2, 3, dtype=torch.float64); b = torch.ones(2, dtype=torch.float64)
+    >>> fold_scale_into_writer(w, b, "linear", torch.tensor([2.0, 3.0], dtype=torch.float64)); w[:, 0].tolist(), b.tolist()
+    ([2.0, 3.0], [2.0, 3.0])
+    """
+    if layout == "linear":
+        w.mul_(gamma[:, None])  # [out, in] * [out, 1]
+    elif layout == "conv1d":
+        w.mul_(gamma[None, :])  # [in, out] * [1, out]
+    else:
+        raise ValueError(f"cannot fold a layer scale into a writer with layout {layout}")
+    if isinstance(bias, torch.Tensor):
+        bias.mul_(gamma)  # [out]
+
+
 def center_tensors(w: torch.Tensor, bias: torch.Tensor | None, layout: str) -> None:
     """In place: subtract the mean over the output (residual feature) axis; ``layout="param"`` is a bare
     parameter with the feature axis last.
