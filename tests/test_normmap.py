@@ -100,10 +100,18 @@ def test_plain_torch_model_with_custom_norms_converts_exactly():
     assert (model(ids).log_softmax(-1) - ref).abs().max() < 1e-10
 
 
-def test_positions_added_after_the_norm_are_refused():
-    model = TinyPreLN(positions_after_norm=True).eval()
-    with pytest.raises(UnsupportedModel, match="positions are added after the norm"):
-        plan_rms_conversion(model, build_norm_map(model), "rmsnorm")
+def test_positions_added_after_the_norm_keep_that_norms_affine_and_convert_exactly():
+    """Shortformer: positions are added to the norm's output, which only its block reads (it is not the
+    stream), so the norm keeps its gain and shift and the rest converts exactly."""
+    model = TinyPreLN(positions_after_norm=True).eval().double()
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).log_softmax(-1)
+    nm = build_norm_map(model)
+    assert nm.norm("n1").role == "pre" and nm.norm("n1").keep_affine
+    plan = plan_rms_conversion(model, nm, "rmsnorm")
+    assert plan.kept_gain == ["n1"]
+    apply_rms_plan(model, plan)
+    assert (model(ids).log_softmax(-1) - ref).abs().max() < 1e-10
 
 
 def test_peri_ln_output_norm_is_detected_and_refused():

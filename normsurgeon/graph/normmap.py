@@ -172,11 +172,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
     token_norms = {name for name, k in kinds.items() if k.is_token_norm}
     terms = decompose(graph, token_norms)
 
-    # Atoms that are summed with something else somewhere: these write into a residual stream.
-    stream_atoms: set[int] = set()
-    for t in terms:
-        if t is not None and len(t) >= 2:
-            stream_atoms |= t
+    stream_atoms = _stream_atoms(graph, terms, token_norms)
 
     def is_stream(idx: int) -> bool:
         t = terms[idx]
@@ -266,6 +262,28 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
     tables = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)]
     return NormMap(type(model).__name__, hidden, norms, writers, block_infos, placement, stream_problems,
                    other_ops, tables)
+
+
+def _stream_atoms(graph: DataflowGraph, terms: list, token_norms: set[str]) -> set[int]:
+    """The atoms that write into a residual stream: those of every sum that a token norm reads, and of
+    every sum that extends one of those (a stream goes on past its last norm). A sum nothing normalizes
+    and that shares no atom with a stream is not a stream: a head's output plus a bias (ESM's
+    ``decoder(x) + bias``, BART's ``final_logits_bias``) stays out of it."""
+    atoms: set[int] = set()
+    for n in graph.nodes:
+        if n.kind == "module" and n.target in token_norms and n.inputs:
+            t = terms[n.inputs[0]]
+            if t is not None and len(t) >= 2:
+                atoms |= t
+    sums = [t for t in terms if t is not None and len(t) >= 2]
+    grew = True
+    while grew:
+        grew = False
+        for t in sums:
+            if t & atoms and not t <= atoms:
+                atoms |= t
+                grew = True
+    return atoms
 
 
 def _stream_problems(graph, terms, stream_atoms, is_stream, kinds) -> list[str]:

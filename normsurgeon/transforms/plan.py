@@ -127,6 +127,19 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
     return list(dict.fromkeys(reasons))
 
 
+def _tied_to_writers(model: torch.nn.Module, writer_params: dict[int, str], done: set[str]) -> list[tuple[str, str]]:
+    """Modules other than the writers that share a writer's weight (a tied decoder behind an MLM head
+    transform, which reads an inner norm, not the residual stream): centring the writer must not move
+    them, so they are untied too."""
+    writers = set(writer_params.values())
+    found = []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and id(w) in writer_params and name not in writers and name not in done:
+            found.append((name, writer_params[id(w)]))
+    return found
+
+
 def _quoted(text: str, i: int) -> str:
     """The ``i``-th back-quoted name in ``text`` (0-based), or ''."""
     parts = text.split("`")
@@ -211,6 +224,7 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
             kept_gain.append(n.name)
             if has_shift:
                 kept_shift.append(n.name)
+    untie += _tied_to_writers(model, writer_params, {r for r, _ in untie})
     replace = {n.name: float(n.kind.eps) for n in nm.by_role("pre", "final")}
     if untie:
         extra = sum(modules[r].weight.numel() for r, _ in untie)

@@ -40,7 +40,7 @@ _PHRASES: dict[str, tuple[str, str]] = {
     "functional": ("functional norm calls outside any module", "functional norm"),
     "writer": ("{n} residual writer{s} cannot be rewritten in the checkpoint", "unrewritable writer"),
     "norm-writer": ("the output of {n} norm{s} is added to the residual stream", "norm added to the stream"),
-    "width": ("{n} residual writer{s} of another width", "residual writer of another width"),
+    "width": ("{n} residual writer{s} of another width", "residual writer{s} of another width"),
     "no-pre": ("no Pre-LN norm was found (no norm reads the residual stream before a block)", "no Pre-LN norm"),
     "mixed": ("{n} norm{s} of another family mixed with LayerNorms", "mixed norm family"),
     "eps": ("{n} norm{s} without a readable epsilon", "norm without epsilon"),
@@ -63,7 +63,8 @@ def _phrase(kind: str, items: list[Refusal], lead: bool) -> str:
         return text + (f", first `{first}`" if first else "")
     if kind in _UNCOUNTED:
         return label
-    return f"{n} {label}{'' if n == 1 else 's'}" + (f" (`{first}`)" if first else "")
+    label = label.format(s="" if n == 1 else "s") if "{s}" in label else label + ("" if n == 1 else "s")
+    return f"{n} {label}" + (f" (`{first}`)" if first else "")
 
 
 def summarize(model_class: str, target: str, reasons: list[Refusal | str]) -> str:
