@@ -53,6 +53,7 @@ def _section(src: LoadedModel, plan: RmsPlan, recipe: Recipe) -> dict:
         "source_architecture": type(src.model).__name__,
         "stock_loadable": plan.stock_loadable,
         "rmsnorm": plan.replace,
+        "gain_offset": plan.gain_offsets,
         "identity": [n for n, _ in plan.bake],
         "created_bias": sorted(set(plan.created_bias)),
         "crms": {"full_size": plan.hidden_size} if plan.target == "crmsnorm" else None,

@@ -24,28 +24,33 @@ _IMPLS = ("auto", "rms", "layernorm-kernel")
 
 
 class RMSNorm(torch.nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight + bias, over the last axis (weight, bias optional)."""
+    """y = x / sqrt(mean(x^2) + eps) * (weight + gain_offset) + bias, over the last axis (weight, bias
+    optional). ``gain_offset=1`` keeps the stored weight's meaning of a ``(1 + w)`` source norm (Nemotron's
+    LayerNorm1P), so the checkpoint still loads in the stock class."""
 
     def __init__(self, size: int, eps: float, weight: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, impl: str = "auto"):
+                 bias: torch.Tensor | None = None, impl: str = "auto", gain_offset: float = 0.0):
         super().__init__()
         if impl not in _IMPLS:
             raise ValueError(f"impl must be one of {_IMPLS}")
         self.normalized_shape = (size,)
         self.eps = float(eps)
         self.impl = impl
+        self.gain_offset = float(gain_offset)
         self.weight = torch.nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = torch.nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_ln_kernel = self.impl == "layernorm-kernel" or (self.impl == "auto" and x.device.type == "cpu")
+        gain = self.weight + self.gain_offset if self.gain_offset and self.weight is not None else self.weight
         if use_ln_kernel:
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+            return F.layer_norm(x, self.normalized_shape, gain, self.bias, self.eps)
+        y = F.rms_norm(x, self.normalized_shape, gain, self.eps)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape[0]}, eps={self.eps}, impl={self.impl}, bias={self.bias is not None}"
+        offset = f", gain_offset={self.gain_offset}" if self.gain_offset else ""
+        return f"{self.normalized_shape[0]}, eps={self.eps}, impl={self.impl}, bias={self.bias is not None}{offset}"
 
 
 class CRMSNorm(torch.nn.Module):

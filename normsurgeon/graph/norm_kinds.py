@@ -35,6 +35,7 @@ class NormKind:
     class_name: str
     weight_attr: str = "weight"  # attribute names of the gain and shift parameters
     bias_attr: str = "bias"
+    gain_offset: float = 0.0  # 1.0 when the gain is (1 + w) (Nemotron's LayerNorm1P; rmsnorm_offset is Gemma's)
 
     @property
     def is_token_norm(self) -> bool:
@@ -63,6 +64,10 @@ def classify_norm(module: torch.nn.Module) -> NormKind | None:
     if isinstance(module, torch.nn.GroupNorm):
         return NormKind("groupnorm", module.num_channels, module.eps, module.weight is not None,
                         module.bias is not None, name)
+    if isinstance(module, torch.nn.LayerNorm) and type(module) is not torch.nn.LayerNorm \
+            and len(module.normalized_shape) == 1 and module.weight is not None:
+        # A subclass may compute something else with the same parameters (Nemotron: gain 1 + w): probe it.
+        return _probe_roles(module, module.weight, getattr(module, "bias", None))
     if isinstance(module, torch.nn.LayerNorm):
         if len(module.normalized_shape) != 1:
             return NormKind("layernorm", None, module.eps, module.weight is not None,
@@ -131,13 +136,15 @@ def _probe_roles(module: torch.nn.Module, weight: torch.Tensor, bias: torch.Tens
     centred = x - x.mean(-1, keepdim=True)
     ln = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + e) * w + b
     rms_unit = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + e)
+    unit_ln = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + e)
     candidates = [
-        ("layernorm", ln, bias is not None),
-        ("rmsnorm", rms_unit * w + b, bias is not None),
-        ("rmsnorm_offset", rms_unit * (1.0 + w) + b, bias is not None),
+        ("layernorm", ln, 0.0),
+        ("layernorm", unit_ln * (1.0 + w) + b, 1.0),
+        ("rmsnorm", rms_unit * w + b, 0.0),
+        ("rmsnorm_offset", rms_unit * (1.0 + w) + b, 0.0),
     ]
     scale = y.abs().max().clamp_min(1e-12)
-    for family, expected, has_bias in candidates:
+    for family, expected, offset in candidates:
         if ((y - expected).abs().max() / scale) < 1e-4:
-            return NormKind(family, d, eps, True, has_bias, type(module).__name__)
+            return NormKind(family, d, eps, True, bias is not None, type(module).__name__, gain_offset=offset)
     return None

@@ -75,7 +75,7 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
             size = old.normalized_shape[0]
             w = torch.ones(size) if f"{name}.weight" in shapes else None
             b = torch.zeros(size) if f"{name}.bias" in shapes else None
-            new = RMSNorm(size, eps, weight=w, bias=b)
+            new = RMSNorm(size, eps, weight=w, bias=b, gain_offset=(section.get("gain_offset") or {}).get(name, 0.0))
         set_module(model, name, new)
     for name, spec in (section.get("dyt") or {}).items():  # remove-ln --to dyt (normsurgeon.lnfree.dyt)
         from normsurgeon.lnfree.dyt import DyT

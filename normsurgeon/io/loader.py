@@ -239,10 +239,11 @@ def _swap_norms(model: torch.nn.Module, section: dict) -> None:
     from normsurgeon.modules import RMSNorm
     from normsurgeon.module_tree import set_module
 
+    offsets = section.get("gain_offset") or {}
     for name, eps in section.get("rmsnorm", {}).items():
         old = model.get_submodule(name)
         new = RMSNorm(old.normalized_shape[0], eps, weight=getattr(old, "weight", None),
-                      bias=getattr(old, "bias", None))
+                      bias=getattr(old, "bias", None), gain_offset=offsets.get(name, 0.0))
         set_module(model, name, new)
 
 

@@ -75,9 +75,9 @@ def run_job(job: Job, plan: StreamPlan, reader: _Reader) -> dict[str, torch.Tens
     if _copy_or_reset(job):
         res = {}
         for o in job.outputs:
-            if _is_reset(job, o):  # a folded norm: unit gain, zero shift
-                fill = torch.ones if o.role == "norm_weight" else torch.zeros
-                res[o.name] = fill(o.shape, dtype=F64).to(out_dt)
+            if _is_reset(job, o):  # a folded norm: unit gain (weight 1 - offset for (1+w) gains), zero shift
+                value = 1.0 - job.ops[0][3] if o.role == "norm_weight" else 0.0
+                res[o.name] = torch.full(o.shape, value, dtype=F64).to(out_dt)
             else:  # a copy: casting directly equals casting through float64 (the upcast is exact)
                 res[o.name] = reader.raw(o.source).to(o.dtype)
         return res
@@ -91,9 +91,10 @@ def run_job(job: Job, plan: StreamPlan, reader: _Reader) -> dict[str, torch.Tens
             p = plan.norm_params[op[1]]
             w = F.layer_norm(w, (w.shape[-1],), reader.small(p["weight"]), reader.small(p["bias"]), p["eps"])
         elif kind == "fold":
-            _, norm, layout, fold_shift = op
+            _, norm, layout, fold_shift, gain_offset = op
             p = plan.norm_params[norm]
             gain = reader.small(p["weight"])
+            gain = gain + gain_offset if gain is not None and gain_offset else gain  # (1+w) gains
             shift = reader.small(p["bias"]) if fold_shift else None
             w, b, _ = fold_affine_tensors(w, b, layout, gain, shift, create_bias=fold_shift, inplace=True)
         elif kind == "center":
@@ -130,7 +131,7 @@ def _copy_or_reset(job: Job) -> bool:
 
 def _is_reset(job: Job, o: Output) -> bool:
     """Whether output ``o`` of a copy/reset job is a folded norm's gain (set to 1) or shift (set to 0)."""
-    reset = job.ops[0] if job.ops else ("norm_reset", False, False)
+    reset = job.ops[0] if job.ops else ("norm_reset", False, False, 0.0)
     return (o.role == "norm_weight" and reset[1]) or (o.role == "norm_bias" and reset[2])
 
 

@@ -31,7 +31,7 @@ from normsurgeon.io.checkpoint import read_config
 from normsurgeon.stream.expand import Expander, check_alike, expand_plan
 from normsurgeon.stream.headers import CheckpointIndex, ShardReader, read_checkpoint_index
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, probe_model, split_block
-from normsurgeon.transforms.plan import RmsPlan, decide_fold, plan_rms_conversion
+from normsurgeon.transforms.plan import Fold, RmsPlan, decide_fold, plan_rms_conversion
 
 BASELINE_BYTES = 700 * 2**20  # interpreter + torch + transformers, measured on this project's machine
 _NAMED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -244,7 +244,9 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
             f = next(x for x in plan.folds if x.norm == fn)
             missing = [full_r for (full_r, _), r in zip(f.readers, info.readers) if not r.has_bias]
             fold_facts[fn] = {"readers": f.readers, "reads_output": info.reads_output, "missing": missing,
-                              "attrs": {"weight_attr": f.weight_attr, "bias_attr": f.bias_attr}}
+                              "attrs": {"weight_attr": f.weight_attr, "bias_attr": f.bias_attr,
+                                        "gain_offset": f.gain_offset},
+                              "keep": f.reason if info.keep_affine else None}
             if info.kind.has_bias and f"{fn}.{f.bias_attr}" in params:
                 norm_biases[fn] = src_of(f"{fn}.{f.bias_attr}")
     model_dtype = source_dtype(config, index)
@@ -254,8 +256,11 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
     shifts = shifts or {n: n in norm_biases for n in fold_facts}
     folds, created, kept_shift, kept_gain = [], [], [], []
     for fn, facts in fold_facts.items():
-        fold, made = decide_fold(fn, facts["readers"], facts["reads_output"], shifts.get(fn, False),
-                                 facts["missing"], policy, facts["attrs"])
+        if facts["keep"]:  # a reader that is not linear: the affine stays on the norm, whatever the shift
+            fold, made = Fold(fn, facts["readers"], False, False, facts["keep"], **facts["attrs"]), []
+        else:
+            fold, made = decide_fold(fn, facts["readers"], facts["reads_output"], shifts.get(fn, False),
+                                     facts["missing"], policy, facts["attrs"])
         folds.append(fold)
         created.extend(made)
         if not fold.fold_gain:
@@ -309,7 +314,7 @@ def _jobs(full, plan: RmsPlan, state_names, src_of, index, renames, out_dtype) -
     for f in plan.folds:
         if f.fold_gain:
             for r, lay in f.readers:
-                ops.setdefault(r, []).append(("fold", f.norm, lay, f.fold_shift))
+                ops.setdefault(r, []).append(("fold", f.norm, lay, f.fold_shift, f.gain_offset))
                 layouts[r] = lay
     for name, kind in plan.center:
         ops.setdefault(name, []).append(("center", kind))
@@ -338,7 +343,7 @@ def _jobs(full, plan: RmsPlan, state_names, src_of, index, renames, out_dtype) -
                     claimed.add(full_name)
                     if name not in dropped_norms:
                         outs.append(Output(f"{name}.{out_attr}", src_of(full_name), role, shapes[full_name], out_dtype))
-            reset = [("norm_reset", bool(f.fold_gain), bool(f.fold_shift))] if f and f.fold_gain else []
+            reset = [("norm_reset", bool(f.fold_gain), bool(f.fold_shift), f.gain_offset)] if f and f.fold_gain else []
             jobs.append(Job(name, "", outs, reset))
             continue
         job_ops = ops[name]

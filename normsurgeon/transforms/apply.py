@@ -61,7 +61,7 @@ def fold_norm_affine(model: torch.nn.Module, plan: RmsPlan) -> None:
         norm = modules[f.norm]
         weight = getattr(norm, f.weight_attr, None)
         bias = getattr(norm, f.bias_attr, None)
-        gain = weight.detach().clone() if (f.fold_gain and weight is not None) else None
+        gain = weight.detach() + f.gain_offset if (f.fold_gain and weight is not None) else None  # (1+w) gains
         shift = bias.detach().clone() if (f.fold_shift and bias is not None) else None
         if not f.fold_gain:
             continue
@@ -69,7 +69,7 @@ def fold_norm_affine(model: torch.nn.Module, plan: RmsPlan) -> None:
             fold_affine_into_reader(modules[reader], layout, gain, shift, create_bias=f.fold_shift)
         with torch.no_grad():
             if gain is not None:
-                weight.fill_(1.0)
+                weight.fill_(1.0 - f.gain_offset)  # unit gain
             if shift is not None:
                 bias.zero_()
 
@@ -92,14 +92,15 @@ def center_writers(model: torch.nn.Module, plan: RmsPlan) -> None:
 
 def replace_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
     modules = dict(model.named_modules())
-    attrs = {f.norm: (f.weight_attr, f.bias_attr) for f in plan.folds}
+    attrs = {f.norm: (f.weight_attr, f.bias_attr, f.gain_offset) for f in plan.folds}
     for name, eps in plan.replace.items():
         old = modules[name]
-        w_attr, b_attr = attrs.get(name, ("weight", "bias"))
+        w_attr, b_attr, offset = attrs.get(name, ("weight", "bias", 0.0))
         if plan.target == "crmsnorm":
             new: torch.nn.Module = CRMSNorm(plan.hidden_size, eps)
         else:
-            new = RMSNorm(plan.hidden_size, eps, weight=getattr(old, w_attr, None), bias=getattr(old, b_attr, None))
+            new = RMSNorm(plan.hidden_size, eps, weight=getattr(old, w_attr, None), bias=getattr(old, b_attr, None),
+                          gain_offset=offset)
         set_module(model, name, new)
 
 

@@ -33,6 +33,7 @@ class Fold:
     reason: str = ""  # why the shift stays on the norm, if it does
     weight_attr: str = "weight"
     bias_attr: str = "bias"
+    gain_offset: float = 0.0  # the gain is weight + gain_offset; a folded norm's weight becomes 1 - gain_offset
 
 
 @dataclasses.dataclass
@@ -55,6 +56,11 @@ class RmsPlan:
     def stock_loadable(self) -> bool:
         """Whether the stock Hugging Face class can hold every tensor of the result."""
         return self.target == "rmsnorm" and not self.bake and not self.created_bias
+
+    @property
+    def gain_offsets(self) -> dict[str, float]:
+        """Norms whose stored weight means a (1 + w) gain (kept that way in the output)."""
+        return {f.norm: f.gain_offset for f in self.folds if f.gain_offset}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -199,7 +205,7 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
     folds, untie, created, kept_shift, kept_gain = [], [], [], [], []
     for n in nm.by_role("pre", "final"):
         readers = [(r.name, r.layout) for r in n.readers]
-        attrs = {"weight_attr": n.kind.weight_attr, "bias_attr": n.kind.bias_attr}
+        attrs = {"weight_attr": n.kind.weight_attr, "bias_attr": n.kind.bias_attr, "gain_offset": n.kind.gain_offset}
         if n.keep_affine:  # exact on the centred stream with the affine where it is
             folds.append(Fold(n.name, readers, False, False, f"{n.keep_affine[0]}; gain and shift stay on the "
                               "RMSNorm", **attrs))
