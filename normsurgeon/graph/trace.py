@@ -24,6 +24,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from normsurgeon.dtype_context import default_dtype_for
+
 # Module types recorded as one opaque node. Everything with parameters of its own and no children is a
 # leaf too (see ``is_leaf``), so custom norm classes and HF's GPT-2 ``Conv1D`` are covered without a list.
 _ALWAYS_LEAF = (
@@ -188,7 +190,7 @@ def trace_dataflow(model: torch.nn.Module, args: tuple = (), kwargs: dict | None
         for k, v in kwargs.items():
             if isinstance(v, torch.Tensor):
                 rec.record_input(k, v)
-        with torch.no_grad(), rec:
+        with torch.no_grad(), default_dtype_for(model), rec:
             out = model(*args, **kwargs)
     finally:
         for h in hooks:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from normsurgeon.dtype_context import default_dtype_for
 from normsurgeon.errors import InputError
 from normsurgeon.io.example_inputs import accepts
 from normsurgeon.verify.metrics import output_metrics, residual_error
@@ -67,7 +68,7 @@ def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches:
         c_store: dict[str, torch.Tensor] = {}
         hooks = _capture(source, residual_points, s_store) + _capture(converted, residual_points, c_store)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), default_dtype_for(source):
                 s_out = _output_tensor(source(**_no_cache(source, batch)))
                 c_out = _output_tensor(converted(**_no_cache(converted, batch)))
         finally:
@@ -104,7 +105,7 @@ def logprob_gap(a: torch.nn.Module, b: torch.nn.Module, batches: list[dict]) -> 
         for m in (a, b):
             dt = next(m.parameters()).dtype
             x = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in batch.items()}
-            with torch.no_grad():
+            with torch.no_grad(), default_dtype_for(m):
                 outs.append(_output_tensor(m(**_no_cache(m, x))).double().log_softmax(-1))
         gap = max(gap, (outs[0] - outs[1]).abs().max().item())
     return gap

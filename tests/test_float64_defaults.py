@@ -1,0 +1,33 @@
+"""Models whose code makes dtype-less tensors (XGLM's ``torch.full((), finfo(x.dtype).min)``) crash in a
+plain float64 forward; the tracer and the verifier run them with float64 as torch's default dtype."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from model_zoo import randomise
+from normsurgeon.errors import UnsupportedModel
+from normsurgeon.graph.normmap import build_norm_map
+from normsurgeon.transforms.plan import plan_rms_conversion
+from normsurgeon.verify.runner import compare_models
+
+
+def xglm():
+    return randomise(T.XGLMForCausalLM(T.XGLMConfig(vocab_size=96, d_model=32, num_layers=2, attention_heads=4,
+                                                     ffn_dim=64, max_position_embeddings=64))).eval()
+
+
+def test_a_plain_float64_forward_of_xglm_crashes():  # the transformers bug this works around
+    with pytest.raises(RuntimeError, match="overflow"):
+        xglm().double()(torch.randint(0, 96, (1, 5)))
+
+
+def test_xglm_traces_and_compares_in_float64():
+    model = xglm().double()
+    nm = build_norm_map(model)  # no crash
+    with pytest.raises(UnsupportedModel):  # positions computed at run time from a buffer: refused, not exit 1
+        plan_rms_conversion(model, nm, "rmsnorm")
+    r = compare_models(model, xglm(), [{"input_ids": torch.randint(0, 96, (2, 6))}], torch.float64, [])
+    assert r["metrics"]["max_abs_logprob"] == 0.0
+    assert torch.get_default_dtype() == torch.float32
