@@ -2,6 +2,8 @@
 plain float64 forward; the tracer and the verifier run them with float64 as torch's default dtype."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as T
@@ -28,6 +30,6 @@ def test_xglm_traces_and_compares_in_float64():
     nm = build_norm_map(model)  # no crash
     with pytest.raises(UnsupportedModel):  # positions computed at run time from a buffer: refused, not exit 1
         plan_rms_conversion(model, nm, "rmsnorm")
-    r = compare_models(model, xglm(), [{"input_ids": torch.randint(0, 96, (2, 6))}], torch.float64, [])
+    r = compare_models(model, copy.deepcopy(model), [{"input_ids": torch.randint(0, 96, (2, 6))}], torch.float64, [])
     assert r["metrics"]["max_abs_logprob"] == 0.0
     assert torch.get_default_dtype() == torch.float32
