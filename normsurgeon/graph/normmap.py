@@ -162,8 +162,35 @@ def build_norm_map(model: torch.nn.Module, example: dict[str, Any] | None = None
     return analyse(model, graph)
 
 
+def _parameter_free_norms(graph: DataflowGraph) -> dict[str, NormKind]:
+    """Norm modules without parameters (OLMo-1's ``OlmoLayerNorm``) are not leaves, so the tracer sees the
+    ``layer_norm`` call inside them. When such a module makes exactly one weight- and bias-free
+    ``layer_norm`` call over its input's last axis, that op node becomes the module's node (in place),
+    and the module a LayerNorm without affine."""
+    found: dict[str, NormKind] = {}
+    calls: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        if n.kind == "op" and n.target == "layer_norm" and n.scope:
+            calls.setdefault(n.scope, []).append(n)
+    for scope, ns in calls.items():
+        mod = graph.modules.get(scope)
+        if len(ns) != 1 or mod is None or next(iter(mod.parameters()), None) is not None:
+            continue
+        n = ns[0]
+        # the tracer flattens arguments: normalized_shape (d,) arrives as the int d; a second int means 2-D
+        ints = [s for s in n.scalars if isinstance(s, int) and not isinstance(s, bool)]
+        shape = tuple(ints) if ints else tuple(n.kwargs.get("normalized_shape") or ())
+        eps = n.kwargs.get("eps", next((s for s in n.scalars if isinstance(s, float)), 1e-5))
+        if len(n.inputs) != 1 or len(shape) != 1 or n.shape[-1:] != shape \
+                or n.kwargs.get("weight") is not None or n.kwargs.get("bias") is not None:
+            continue
+        n.kind, n.target = "module", scope
+        found[scope] = NormKind("layernorm", int(shape[0]), float(eps), False, False, type(mod).__name__)
+    return found
+
+
 def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
-    kinds: dict[str, NormKind] = {}
+    kinds: dict[str, NormKind] = _parameter_free_norms(graph)
     for n in graph.nodes:
         if n.kind == "module" and n.target not in kinds:
             k = classify_norm(graph.modules[n.target])

@@ -69,6 +69,7 @@ class Node:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     out_index: int = 0
     arg_kinds: list[str] = dataclasses.field(default_factory=list)  # "t" tensor or "s" scalar, in order
+    scope: str = ""  # for ops: the innermost (non-leaf) module whose forward was running
 
     @property
     def is_float(self) -> bool:
@@ -99,6 +100,7 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # keeps ids stable for the whole trace
         self.param_names = param_names
         self.depth = 0
+        self.scope: list[str] = []
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _new(self, kind: str, target: str, inputs: list[int], t: torch.Tensor, **extra) -> int:
@@ -143,7 +145,7 @@ class _Recorder(TorchFunctionMode):
         for i, o in enumerate(flat_out):
             if isinstance(o, torch.Tensor):
                 self._new("op", name, list(in_ids), o, scalars=list(scalars), kwargs=small_kwargs,
-                          out_index=i, arg_kinds=list(kinds))
+                          out_index=i, arg_kinds=list(kinds), scope=self.scope[-1] if self.scope else "")
         return out
 
 
@@ -183,6 +185,18 @@ def trace_dataflow(model: torch.nn.Module, args: tuple = (), kwargs: dict | None
     for mod in leaf_names:
         hooks.append(mod.register_forward_pre_hook(pre_hook))
         hooks.append(mod.register_forward_hook(post_hook))
+    def enter(name: str):
+        def hook(mod, inputs) -> None:
+            rec.scope.append(name)
+        return hook
+
+    def leave(mod, inputs, output) -> None:
+        rec.scope.pop()
+
+    for name, mod in names.items():  # the scope of each op: which module's forward it ran in
+        if name and mod not in leaf_names:
+            hooks.append(mod.register_forward_pre_hook(enter(name)))
+            hooks.append(mod.register_forward_hook(leave))
     try:
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
