@@ -33,3 +33,13 @@ def test_xglm_traces_and_compares_in_float64():
     r = compare_models(model, copy.deepcopy(model), [{"input_ids": torch.randint(0, 96, (2, 6))}], torch.float64, [])
     assert r["metrics"]["max_abs_logprob"] == 0.0
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_stream_that_cannot_be_followed_is_refused_naming_the_term():
+    from normsurgeon.transforms.refusals import MAX_CHARS
+
+    model = xglm()
+    with pytest.raises(UnsupportedModel) as e:
+        plan_rms_conversion(model, build_norm_map(model), "rmsnorm")
+    msg = str(e.value)
+    assert "cannot be followed" in msg and "embed_positions" in msg and len(msg) <= MAX_CHARS + 80

@@ -32,7 +32,7 @@ TRANSPARENT = {
 }
 # Sums and means over token (or batch) axes: each output row is a linear combination of input rows.
 TOKEN_REDUCTIONS = {"mean", "sum"}
-_ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
+ADD_OPS = _ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
 _SCALE = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__", "neg"}
 _CAT = {"cat", "concat", "concatenate"}
 

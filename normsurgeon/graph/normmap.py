@@ -29,7 +29,7 @@ import torch
 
 from normsurgeon.graph.layouts import has_bias, in_features, layout_of, out_features
 from normsurgeon.graph.norm_kinds import NormKind, classify_norm
-from normsurgeon.graph.decompose import TOKEN_REDUCTIONS, TRANSPARENT, decompose, feature_axis_kept
+from normsurgeon.graph.decompose import ADD_OPS, TOKEN_REDUCTIONS, TRANSPARENT, decompose, feature_axis_kept
 from normsurgeon.graph.layer_scale import scaled_writer
 from normsurgeon.graph.placement import BlockInfo, block_of, block_placements, find_blocks
 from normsurgeon.graph.trace import DataflowGraph, Node, trace_dataflow
@@ -89,6 +89,9 @@ class NormMap:
     stream_problems: list[str]
     other_norm_ops: list[str]  # functional norms called outside any module
     embedding_tables: list[str] = dataclasses.field(default_factory=list)  # nn.Embedding modules
+    # terms added to a normalized sum that are neither layers nor parameters (positions computed at run
+    # time, a non-linear first term): the stream cannot be followed through them
+    opaque_terms: list[str] = dataclasses.field(default_factory=list)
 
     # -- selections ----------------------------------------------------------------------------
     def by_role(self, *roles: str) -> list[NormInfo]:
@@ -288,7 +291,37 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                         and n.target in ("layer_norm", "rms_norm", "group_norm", "batch_norm")})
     tables = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)]
     return NormMap(type(model).__name__, hidden, norms, writers, block_infos, placement, stream_problems,
-                   other_ops, tables)
+                   other_ops, tables, _opaque_terms(graph, terms, token_norms))
+
+
+def _opaque_terms(graph: DataflowGraph, terms: list, token_norms: set[str]) -> list[str]:
+    """What makes a normalized sum undecomposable: its non-linear or computed terms, described once each."""
+    found: list[str] = []
+    for n in graph.nodes:
+        if not (n.kind == "module" and n.target in token_norms and n.inputs):
+            continue
+        i = n.inputs[0]
+        while terms[i] is None and graph.nodes[i].kind == "op" and graph.nodes[i].target in TRANSPARENT \
+                and graph.nodes[i].inputs:
+            i = graph.nodes[i].inputs[0]
+        node = graph.nodes[i]
+        if terms[i] is None and node.kind == "op" and node.target in ADD_OPS:
+            for j in node.inputs:
+                if terms[j] is None:
+                    what = _describe(graph, j)
+                    if what not in found:
+                        found.append(what)
+    return found
+
+
+def _describe(graph: DataflowGraph, i: int) -> str:
+    """The op behind node ``i`` (past views and casts), with the parameters or buffers it reads."""
+    src = graph.nodes[i]
+    while src.kind == "op" and src.target in TRANSPARENT and src.inputs:
+        src = graph.nodes[src.inputs[0]]
+    reads = [graph.nodes[j].target for j in src.inputs if graph.nodes[j].kind == "param"]
+    text = f"`{src.target}`" + (f" of `{reads[0]}`" if reads else "")
+    return text + (f" in `{src.scope}`" if src.scope else "")
 
 
 def _stream_atoms(graph: DataflowGraph, terms: list, token_norms: set[str]) -> set[int]:

@@ -74,6 +74,11 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
     reasons: list[Refusal] = []
     res = nm.residual_norms
     if not res:
+        if nm.opaque_terms:
+            return [Refusal(f"the residual stream cannot be followed: it adds {nm.opaque_terms[0]}, not a layer "
+                            "or a parameter (computed at run time, or non-linear), which cannot be centred" +
+                            (f" ({len(nm.opaque_terms)} such terms)" if len(nm.opaque_terms) > 1 else ""),
+                            "no-stream")]
         return [Refusal("no norm on the residual stream was found", "no-stream")]
     fams = {n.kind.family for n in res}
     if fams <= {"rmsnorm", "rmsnorm_offset"}:
