@@ -210,3 +210,11 @@ def test_mean_pooling_is_linear_over_tokens_so_the_affine_folds_through_it():
     work = copy.deepcopy(model)
     apply_rms_plan(work, plan)
     assert (work(ids) - model(ids)).abs().max().item() < 1e-12
+
+
+def test_a_shape_only_read_of_the_stream_is_not_a_raw_read():
+    """mBART hands ``inputs_embeds[..., -1]`` to its positions module for the shape only."""
+    cfg = T.MBartConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    nm = build_norm_map(T.MBartForConditionalGeneration(cfg).eval())
+    assert nm.stream_problems == []

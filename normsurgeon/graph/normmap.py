@@ -360,12 +360,23 @@ def _stream_problems(graph, terms, stream_atoms, is_stream, kinds) -> list[str]:
                 continue
             if user.kind == "module" and isinstance(graph.modules[user.target], torch.nn.Dropout):
                 continue
+            if _shape_only(graph, u):
+                continue
             where = user.target or user.kind
             src = graph.nodes[n.idx].target or f"node {n.idx}"
             problems.append(f"the residual stream (after `{src}`) is read by `{where}` without a norm")
         if n.idx in graph.outputs and len(terms[n.idx]) > 1:
             problems.append("the raw residual stream is a model output (no final norm)")
     return sorted(set(problems))
+
+
+def _shape_only(graph: DataflowGraph, idx: int) -> bool:
+    """A read whose values are never used: it only reaches embedding lookups, which cannot take float
+    values as indices (mBART's positions module is handed ``inputs_embeds[..., -1]`` for its shape)."""
+    users = graph.users.get(idx, [])
+    return bool(users) and graph.nodes[idx].is_float and all(
+        graph.nodes[u].kind == "module" and layout_of(graph.modules[graph.nodes[u].target]) == "embedding"
+        for u in users)
 
 
 def _hidden_size(norms: list[NormInfo]) -> int | None:

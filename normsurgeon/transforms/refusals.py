@@ -39,7 +39,7 @@ _PHRASES: dict[str, tuple[str, str]] = {
     "stream": ("the raw residual stream is read without a norm at {n} place{s}", "raw-stream read"),
     "functional": ("functional norm calls outside any module", "functional norm"),
     "writer": ("{n} residual writer{s} cannot be rewritten in the checkpoint", "unrewritable writer"),
-    "norm-writer": ("the output of {n} norm{s} is added to the residual stream", "norm added to the stream"),
+    "norm-writer": ("the output of {n} norm{s} is added to the residual stream", "norm{s} added to the stream"),
     "width": ("{n} residual writer{s} of another width", "residual writer{s} of another width"),
     "no-pre": ("no Pre-LN norm was found (no norm reads the residual stream before a block)", "no Pre-LN norm"),
     "mixed": ("{n} norm{s} of another family mixed with LayerNorms", "mixed norm family"),
