@@ -54,10 +54,41 @@ class FoldResult:
 
 def copy_f64(model: torch.nn.Module) -> torch.nn.Module:
     """A float64 eval copy. ``train()`` then ``eval()`` drops caches some models keep in eval mode (LeViT's
-    attention-bias cache would otherwise stay in the old dtype)."""
+    attention-bias cache would otherwise stay in the old dtype); tensors kept as plain attributes (not
+    parameters or buffers: Wav2Vec2-Conformer's cached rotary table) are cast too, as ``.to`` skips them."""
     work = copy.deepcopy(model).to(F64)
+    for mod in work.modules():
+        for attr, v in list(vars(mod).items()):
+            cast = _cast_floating(v, F64)
+            if cast is not v:
+                object.__setattr__(mod, attr, cast)
     work.train()
     return work.eval()
+
+
+def _cast_floating(v, dtype):
+    """``v`` with its floating tensors (also inside a tuple/list) in ``dtype``; ``v`` itself if none."""
+    if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+        return v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+    if isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v):
+        out = [_cast_floating(x, dtype) for x in v]
+        return v if all(a is b for a, b in zip(out, v)) else type(v)(out)
+    return v
+
+
+def _restore_plain_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Give ``dst``'s plain tensor attributes (caches filled by float64 runs) the source's values back,
+    so that a form cast to the source dtypes never meets a float64 cache."""
+    dst_mods = dict(dst.named_modules())
+    for name, mod in src.named_modules():
+        d = dst_mods.get(name)
+        if d is None or type(d) is not type(mod):
+            continue
+        for attr, v in list(vars(d).items()):
+            holds = isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)) and any(
+                isinstance(x, torch.Tensor) for x in v)
+            if holds and not isinstance(v, torch.nn.Parameter) and attr in vars(mod):
+                object.__setattr__(d, attr, copy.deepcopy(vars(mod)[attr]))
 
 
 def _to64(obj):
@@ -113,6 +144,7 @@ def fold_batchnorms(model: torch.nn.Module, args: tuple = (), kwargs: dict | Non
     for name in structure["zero"]:
         set_module(deploy64, name, ZeroBranch())
     deploy = cast_back(copy.deepcopy(deploy64), dtypes).train().eval()  # train(): drop dtype caches
+    _restore_plain_tensors(deploy, model)
     stock, stock_ok = _stock_form(model, deploy64, units, folds, merges, dtypes)
     entries = _entries(units, folds, left, merges, stock_ok)
     return FoldResult(stock, deploy, deploy64, entries, structure)

@@ -4,7 +4,9 @@ Backward fold (preferred): ``layer -> [view ops] -> unit``. Forward fold: ``unit
 A pair is accepted only if (1) both modules are called exactly once, (2) every tensor on the path has a
 single consumer and is not a model output, (3) the unit's channel axis is the layer's channel axis after
 following transposes/permutes/reshapes, (4) for a forward fold into a conv, the conv never reads padding
-(or pads by reflection/replication, or the shift is zero). Anything else is left, with the reason.
+(or pads by reflection/replication, or the shift is zero), (5) the folded layer, run alone on a random
+input of its traced shape, reproduces the layer and the unit together (a conv subclass whose forward
+transforms its weight, e.g. weight standardization, does not). Anything else is left, with the reason.
 
 >>> import torch
 >>> from normsurgeon.batchnorm.units import AffineUnit
@@ -16,12 +18,14 @@ following transposes/permutes/reshapes, (4) for a forward fold into a conv, the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
 import torch
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from normsurgeon.batchnorm.fold_math import F64, fold_into_consumer, fold_into_producer
 from normsurgeon.batchnorm.units import AffineUnit
 from normsurgeon.graph.trace import DataflowGraph, Node
 
@@ -39,6 +43,7 @@ class Fold:
     direction: str  # "producer" | "consumer"
     layout: str  # "conv" | "conv_transpose" | "linear"
     groups: int
+    layer_in_shape: tuple[int, ...] | None = None  # the layer's traced input shape (for the local check)
 
 
 def layout_of(m: torch.nn.Module) -> str | None:
@@ -122,7 +127,7 @@ def backward_fold(g: DataflowGraph, unit_node: Node, u: AffineUnit) -> Fold | st
     if axis != u.axis:
         return (f"it normalizes axis {u.axis} of {tuple(u.in_shape or ())} but the features of {prod.target!r} "
                 f"are on axis {axis}")
-    return Fold(u.name, prod.target, "producer", layout, getattr(mod, "groups", 1))
+    return Fold(u.name, prod.target, "producer", layout, getattr(mod, "groups", 1), _in_shape(g, prod))
 
 
 def forward_fold(g: DataflowGraph, unit_node: Node, u: AffineUnit) -> Fold | str:
@@ -154,7 +159,47 @@ def forward_fold(g: DataflowGraph, unit_node: Node, u: AffineUnit) -> Fold | str
     if layout == "conv" and not _padding_free(mod) and mod.padding_mode == "zeros" and bool((u.t != 0).any()):
         return (f"the next conv {nxt.target!r} zero-pads its input (padding={mod.padding}): folding the shift "
                 "would be wrong at the borders")
-    return Fold(u.name, nxt.target, "consumer", layout, getattr(mod, "groups", 1))
+    return Fold(u.name, nxt.target, "consumer", layout, getattr(mod, "groups", 1), tuple(shape))
+
+
+def _in_shape(g: DataflowGraph, node: Node) -> tuple[int, ...] | None:
+    return tuple(g.nodes[node.inputs[0]].shape) if node.inputs else None
+
+
+def local_check(layer: torch.nn.Module, f: Fold, u: AffineUnit) -> str | None:
+    """Run the folded layer alone against the layer and the unit (float64, a random input of the layer's
+    traced shape, batch 1); None if they agree, else the reason."""
+    if f.layer_in_shape is None or u.s is None:
+        return None
+    shape = f.layer_in_shape if len(f.layer_in_shape) < 2 else (1,) + tuple(f.layer_in_shape[1:])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=F64)
+    axis = len(shape) - 1 if f.layout == "linear" else 1
+    try:
+        work = copy.deepcopy(layer).to(F64)
+        fn = fold_into_producer if f.direction == "producer" else fold_into_consumer
+        w, b = fn(work.weight, work.bias, u.s, u.t, f.layout, f.groups)
+        with torch.no_grad():
+            if f.direction == "producer":
+                y = work(x)
+                ref = y * _bcast(u.s, y.dim(), axis) + _bcast(u.t, y.dim(), axis)
+            else:
+                ref = work(x * _bcast(u.s, x.dim(), axis) + _bcast(u.t, x.dim(), axis))
+            work.weight.data = w
+            work.bias = torch.nn.Parameter(b, requires_grad=False)
+            got = work(x)
+    except Exception as e:  # noqa: BLE001 - any failure means the fold is not proven
+        return f"folding into {f.layer!r} could not be checked ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if got.shape != ref.shape or not bool(((got - ref).abs() <= 1e-9 * (1.0 + ref.abs().max())).all()):
+        return (f"folding into {type(layer).__name__} {f.layer!r} does not reproduce it (its forward is not a plain "
+                "conv/linear of its weight, e.g. weight standardization or its own padding)")
+    return None
+
+
+def _bcast(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
 
 
 def find_folds(g: DataflowGraph, units: dict[str, AffineUnit]) -> tuple[list[Fold], dict[str, str]]:
@@ -171,10 +216,14 @@ def find_folds(g: DataflowGraph, units: dict[str, AffineUnit]) -> tuple[list[Fol
             continue
         back = backward_fold(g, nodes[0], u)
         if isinstance(back, Fold) and back.layer not in taken:
+            back = local_check(g.modules[back.layer], back, u) or back
+        if isinstance(back, Fold) and back.layer not in taken:
             folds.append(back)
             taken.add(back.layer)
             continue
         fwd = forward_fold(g, nodes[0], u)
+        if isinstance(fwd, Fold):
+            fwd = local_check(g.modules[fwd.layer], fwd, u) or fwd
         if isinstance(fwd, Fold):
             folds.append(fwd)
             continue

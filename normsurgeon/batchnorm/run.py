@@ -24,23 +24,35 @@ import torch
 from normsurgeon.batchnorm.deploy import FORMAT, export_program
 from normsurgeon.batchnorm.fold import FoldResult, fold_batchnorms
 from normsurgeon.batchnorm.verify_fold import verify_fold
-from normsurgeon.errors import UsageError, VerificationFailed
-from normsurgeon.io.example_inputs import random_batches
+from normsurgeon.errors import InputError, UsageError, VerificationFailed
+from normsurgeon.io.example_inputs import accepts, random_batches
 
 
 def example_batches(model: torch.nn.Module, input_shape: tuple[int, ...] | None, image_size: int | None,
                     num: int, seed: int) -> list:
-    """Seeded random inputs: built from the model itself for HF models (images, audio, text: see
-    ``io/example_inputs.py``), else one tensor of ``input_shape``."""
+    """Seeded random inputs, built from the model itself (``io/example_inputs.py``): HF models (images,
+    audio ``input_values``, text...) and plain modules with an ``example_inputs()`` method. ``input_shape``
+    replaces the main input of an HF model (passed by name: ``pixel_values``, ``input_values``...) and is
+    the one positional input of a plain module."""
     gen = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     cfg = getattr(model, "config", None)
-    if input_shape is None and cfg is not None:
+    has_factory = callable(getattr(model, "example_inputs", None))
+    if input_shape is None and (cfg is not None or has_factory):
         size = image_size or getattr(cfg, "image_size", None) or 224
         return random_batches(model, num, 16, seed, image_size=size)  # 16 tokens or audio frames
     if input_shape is None:
-        raise UsageError("cannot tell the model's input: pass --input-shape, e.g. 2,3,32,32")
-    return [(torch.randn(tuple(input_shape), generator=gen).to(dtype),)]
+        raise UsageError("cannot tell the model's input: pass --input-shape, e.g. 2,3,32,32 (or give the module "
+                         "an `example_inputs()` method)")
+    x = torch.randn(tuple(input_shape), generator=gen).to(dtype)
+    main = getattr(model, "main_input_name", None) if cfg is not None else None
+    if main and accepts(model, main):
+        try:
+            batch = random_batches(model, input_shape[0], 16, seed, image_size=image_size)[0]
+        except InputError:
+            batch = {}
+        return [{**batch, main: x}]
+    return [(x,)]
 
 
 def _split(batch) -> tuple[tuple, dict]:
@@ -94,11 +106,12 @@ def _fold_bn(ref: str, out: Path, dest, input_shape: tuple[int, ...] | None, ima
               "source": {"ref": ref, "architecture": type(model).__name__, "dtype": dtype_name},
               "output": {"path": str(out), "dtype": dtype_name, "stock_loadable": True},
               "batchnorm": {"counts": result.counts, "units": result.entries},
-              "fold_metrics": check["forms"], "metrics": _lead_metrics(check), "warnings": []}
+              "fold_metrics": check["forms"], "metrics": _lead_metrics(check), "warnings": _warnings(result, check)}
     if dry_run:
         return report
     if check["status"] != "pass":
-        worst = "; ".join(f"{k}: max |Δ| {v['max_abs']:.3e} (÷ output scale {v['rel_to_scale']:.3e}), top-1 "
+        worst = "; ".join(f"{k}: max |Δ| {v['max_abs']:.3e} (÷ output scale {v['rel_to_scale']:.3e}, worst on "
+                          f"{v.get('worst_output')!r} of {v.get('outputs_compared')} outputs), top-1 "
                           f"{v['top1_agreement']:.4f}" for k, v in check["forms"].items() if not v["ok"])
         raise VerificationFailed(f"folded model differs from the source beyond tolerance, nothing written: {worst}",
                                  report)
@@ -117,14 +130,25 @@ def _fold_bn(ref: str, out: Path, dest, input_shape: tuple[int, ...] | None, ima
     return report
 
 
+def _warnings(result: FoldResult, check: dict) -> list[str]:
+    out = []
+    if not result.entries:
+        out.append("no BatchNorm-like module found: nothing to fold (both forms are the source unchanged)")
+    if check["forms"]["deploy"].get("output_scale", 1.0) == 0.0:
+        out.append("every output tensor is zero on the example inputs: the equivalence check cannot see a wrong "
+                   "fold (try other inputs: --seed, --image-size, --input-shape)")
+    return out
+
+
 def _lead_metrics(check: dict) -> dict:
     """The generic report's ``metrics`` table: one row per form and measure."""
     rows = {}
     for form, m in check["forms"].items():
-        key = "max_abs" if form == "deploy_float64" else "rel_to_scale"
+        key = "max_abs_norm" if form == "deploy_float64" else "rel_to_scale"
         th = m["threshold"].get(key)
-        rows[f"{form}: max|Δ|{' / scale' if key == 'rel_to_scale' else ''}"] = {"value": m[key], "threshold": th,
-                                                                              "ok": m[key] <= th}
+        label = " / max(1, scale)" if key == "max_abs_norm" else " / scale"
+        rows[f"{form}: max|Δ|{label}"] = {"value": m[key], "threshold": th, "ok": m[key] <= th,
+                                           "worst_output": m.get("worst_output")}
         if form != "deploy_float64":
             rows[f"{form}: top-1 agreement"] = {"value": m["top1_agreement"], "threshold": 1.0,
                                                 "ok": m["top1_agreement"] == 1.0}

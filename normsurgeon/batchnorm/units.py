@@ -51,9 +51,12 @@ def is_bn_like(m: torch.nn.Module) -> bool:
     return not has_children and "running_var" in dict(m.named_buffers(recurse=False))
 
 
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)  # hold modules, are never called themselves
+
+
 def _is_wrapper(m: torch.nn.Module) -> bool:
     leaves = [c for c in m.modules() if c is not m and next(iter(c.children()), None) is None]
-    if not leaves or is_bn_like(m):
+    if not leaves or is_bn_like(m) or isinstance(m, _CONTAINERS):
         return False
     return any(is_bn_like(c) for c in leaves) and all(is_bn_like(c) or isinstance(c, _PASSIVE) for c in leaves)
 
@@ -163,9 +166,21 @@ def analyse(name: str, m: torch.nn.Module, members: list[str], x: torch.Tensor |
 
 
 def find_units(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, AffineUnit]:
-    """Run ``model`` (float64, eval) once, capturing each unit's first input, and analyse every unit."""
+    """Run ``model`` (float64, eval) once, capturing each unit's first input, and analyse every unit.
+    A wrapper that the forward never calls (its members are called one by one) is split into its members."""
     check_eval(model)
     cands = candidates(model)
+    seen = _record_inputs(model, cands, args, kwargs)
+    split = {n: ms for n, ms in cands.items() if ms and seen[n][0] == 0}
+    if split:
+        cands = {k: v for n, v0 in cands.items()
+                 for k, v in ([(n, v0)] if n not in split else [(m, []) for m in split[n]])}
+        seen = _record_inputs(model, cands, args, kwargs)
+    return {n: analyse(n, model.get_submodule(n), cands[n], seen[n][1], seen[n][0]) for n in cands}
+
+
+def _record_inputs(model: torch.nn.Module, cands: dict[str, list[str]], args: tuple, kwargs: dict) -> dict:
+    """``{unit: [calls, first input tensor or None]}`` from one forward of ``model``."""
     seen: dict[str, list[Any]] = {n: [0, None] for n in cands}
     hooks = []
     for name in cands:
@@ -181,7 +196,7 @@ def find_units(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, A
     finally:
         for h in hooks:
             h.remove()
-    return {n: analyse(n, model.get_submodule(n), cands[n], seen[n][1], seen[n][0]) for n in cands}
+    return seen
 
 
 class AffineMarker(torch.nn.Module):
