@@ -55,6 +55,7 @@ def _section(src: LoadedModel, plan: RmsPlan, recipe: Recipe) -> dict:
         "rmsnorm": plan.replace,
         "gain_offset": plan.gain_offsets,
         "identity": [n for n, _ in plan.bake],
+        "centred": plan.recentre,
         "created_bias": sorted(set(plan.created_bias)),
         "crms": {"full_size": plan.hidden_size} if plan.target == "crmsnorm" else None,
     }

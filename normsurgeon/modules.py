@@ -80,3 +80,32 @@ class CRMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.full_size - 1} (of {self.full_size}), eps={self.eps}"
+
+
+class CentredLayerNorm(torch.nn.Module):
+    """LayerNorm whose output is centred: y = LN(x) * weight + bias - mean(LN(x) * weight + bias).
+
+    An embedding norm over several tables (mBART: tokens + positions) writes the residual stream and
+    cannot be baked into one table; centring its output makes the stream zero-mean (Pre-RMSNorm) and
+    is exact because every reader of the stream is a norm that ignores the mean (a LayerNorm) or now
+    an RMSNorm on a zero-mean input.
+
+    >>> import torch
+    >>> n = CentredLayerNorm(4, 1e-5, torch.rand(4), torch.rand(4))
+    >>> bool(n(torch.randn(3, 4)).mean(-1).abs().max() < 1e-6)
+    True
+    """
+
+    def __init__(self, size: int, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.normalized_shape = (size,)
+        self.eps = float(eps)
+        self.weight = torch.nn.Parameter(weight.detach().clone()) if weight is not None else None
+        self.bias = torch.nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)  # [..., d]
+        return y - y.mean(-1, keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}, centred output"

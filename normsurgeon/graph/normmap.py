@@ -241,7 +241,9 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
             if is_stream(in_idx):
                 stream_writers = sorted({atom_name(a) for a in terms[in_idx]})
                 if out_in_stream:
-                    role = "post"
+                    # a norm over a sum of lookups only (mBART: tokens + positions), whose terms reach the
+                    # stream only through it, is the stream's embedding norm, not a Post-LN
+                    role = "embedding" if _lookups_only(graph, terms, in_idx, node.idx) else "post"
                 else:
                     reach = _reachable(graph, node.idx)
                     role = "pre" if reach & stream_atoms else "final"
@@ -368,6 +370,17 @@ def _stream_problems(graph, terms, stream_atoms, is_stream, kinds) -> list[str]:
         if n.idx in graph.outputs and len(terms[n.idx]) > 1:
             problems.append("the raw residual stream is a model output (no final norm)")
     return sorted(set(problems))
+
+
+def _lookups_only(graph: DataflowGraph, terms: list, in_idx: int, norm_idx: int) -> bool:
+    """The norm's input is a sum of embedding lookups and parameters, none of them summed with its output."""
+    atoms = terms[in_idx] or frozenset()
+    lookups = bool(atoms) and all(
+        graph.nodes[a].kind == "param" or
+        layout_of(graph.modules.get(graph.nodes[a].target, torch.nn.Identity())) == "embedding" for a in atoms)
+    if not lookups:
+        return False
+    return not any(t is not None and norm_idx in t and t & atoms for t in terms)
 
 
 def _shape_only(graph: DataflowGraph, idx: int) -> bool:

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from normsurgeon.errors import InputError
-from normsurgeon.modules import CRMSNorm, RMSNorm
+from normsurgeon.modules import CentredLayerNorm, CRMSNorm, RMSNorm
 from normsurgeon.module_tree import set_module
 
 CUSTOM_PREFIX = "normsurgeon_"
@@ -66,6 +66,10 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
     """
     for name in section.get("identity", []):
         set_module(model, name, torch.nn.Identity())
+    for name in section.get("centred") or []:  # embedding norms over several tables (modules.CentredLayerNorm)
+        old = model.get_submodule(name)
+        set_module(model, name, CentredLayerNorm(old.normalized_shape[0], old.eps, getattr(old, "weight", None),
+                                                 getattr(old, "bias", None)))
     crms = section.get("crms")
     for name, eps in section.get("rmsnorm", {}).items():
         old = model.get_submodule(name)

@@ -205,6 +205,9 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
     nm = build_norm_map(probe)
     policy = "fold-all" if target == "crmsnorm" else bias_policy
     probe_plan = plan_rms_conversion(probe, nm, target, policy)
+    if probe_plan.recentre:
+        raise UnsupportedModel(f"embedding norms over several tables (`{probe_plan.recentre[0]}`) are centred by the "
+                               "in-memory conversion only: run without --stream")
     if probe_plan.layer_scales:
         first = next(iter(probe_plan.layer_scales.values()))
         raise UnsupportedModel(f"layer scales ({len(probe_plan.layer_scales)} in the probe, e.g. `{first}`) are "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from normsurgeon.module_tree import set_module
-from normsurgeon.modules import CRMSNorm, RMSNorm
+from normsurgeon.modules import CentredLayerNorm, CRMSNorm, RMSNorm
 from normsurgeon.transforms.plan import RmsPlan
 from normsurgeon.transforms.primitives import (bake_norm_into_table, center_writer, fold_affine_into_reader,
                                                fold_scale_into_writer, shrink_reader, shrink_writer)
@@ -49,10 +49,16 @@ def mark_untied(model: torch.nn.Module) -> None:
 
 
 def bake_embedding_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
+    """Embedding norms: baked into their one table (BLOOM), or made to centre their output when they
+    read several tables (mBART: tokens + positions)."""
     modules = dict(model.named_modules())
     for norm_name, table in plan.bake:
         bake_norm_into_table(modules[table], modules[norm_name])
         set_module(model, norm_name, torch.nn.Identity())
+    for norm_name in plan.recentre:
+        old = modules[norm_name]
+        set_module(model, norm_name, CentredLayerNorm(old.normalized_shape[0], old.eps, getattr(old, "weight", None),
+                                                      getattr(old, "bias", None)))
 
 
 def fold_norm_affine(model: torch.nn.Module, plan: RmsPlan) -> None:

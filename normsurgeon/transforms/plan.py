@@ -51,11 +51,12 @@ class RmsPlan:
     kept_gain: list[str]
     notes: list[str]
     layer_scales: dict[str, str] = dataclasses.field(default_factory=dict)  # writer -> its layer-scale param
+    recentre: list[str] = dataclasses.field(default_factory=list)  # embedding norms over several tables
 
     @property
     def stock_loadable(self) -> bool:
         """Whether the stock Hugging Face class can hold every tensor of the result."""
-        return self.target == "rmsnorm" and not self.bake and not self.created_bias
+        return self.target == "rmsnorm" and not self.bake and not self.created_bias and not self.recentre
 
     @property
     def gain_offsets(self) -> dict[str, float]:
@@ -104,9 +105,9 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
             reasons.append(Refusal(f"`{n.name}` normalizes a sublayer output before it is added to the residual "
                                    "(Peri-LN/sandwich): its centering cannot be moved into the weights", "output",
                                    n.name))
-        elif n.role == "embedding" and not _bakeable(nm, n.name):
+        elif n.role == "embedding" and not _bakeable(nm, n.name) and (target == "crmsnorm" or n.kind.eps is None):
             reasons.append(Refusal(f"embedding norm `{n.name}` reads more than one table (positions added before "
-                                   "it), so it cannot be baked into a table", "embedding", n.name))
+                                   "it), so it cannot be baked into a table (Pre-CRMSNorm)", "embedding", n.name))
         elif n.role in ("pre", "final"):
             reasons.extend(Refusal(f"`{n.name}`: {p}", "norm", n.name) for p in n.problems)
             if target == "crmsnorm":  # the d -> d-1 shrink must reach every reader
@@ -139,14 +140,13 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
 
 
 def _tied_to_writers(model: torch.nn.Module, writer_params: dict[int, str], done: set[str]) -> list[tuple[str, str]]:
-    """Modules other than the writers that share a writer's weight (a tied decoder behind an MLM head
-    transform, which reads an inner norm, not the residual stream): centring the writer must not move
-    them, so they are untied too."""
-    writers = set(writer_params.values())
+    """Modules other than the writers (``done``: the writers and those already untied) that share a
+    writer's weight (a tied decoder behind an MLM head transform, which reads an inner norm, not the
+    residual stream): centring the writer must not move them, so they are untied too."""
     found = []
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
-        if isinstance(w, torch.nn.Parameter) and id(w) in writer_params and name not in writers and name not in done:
+        if isinstance(w, torch.nn.Parameter) and id(w) in writer_params and name not in done:
             found.append((name, writer_params[id(w)]))
     return found
 
@@ -194,9 +194,13 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
     modules = dict(model.named_modules())
     policy = "fold-all" if target == "crmsnorm" else bias_policy
     notes: list[str] = []
-    bake = [(n.name, n.stream_writers[0]) for n in nm.by_role("embedding")]
+    bake = [(n.name, n.stream_writers[0]) for n in nm.by_role("embedding") if _bakeable(nm, n.name)]
+    # an embedding norm over several tables centres its own output (modules.CentredLayerNorm)
+    recentre = [n.name for n in nm.by_role("embedding") if not _bakeable(nm, n.name)]
     center = []
     for w in nm.writers:
+        if w.kind == "norm" and w.name in recentre:
+            continue
         if w.kind == "norm":
             center.append((dict(bake)[w.name], "embedding"))
         else:
@@ -235,7 +239,7 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
             kept_gain.append(n.name)
             if has_shift:
                 kept_shift.append(n.name)
-    untie += _tied_to_writers(model, writer_params, {r for r, _ in untie})
+    untie += _tied_to_writers(model, writer_params, {r for r, _ in untie} | {name for name, _ in center})
     replace = {n.name: float(n.kind.eps) for n in nm.by_role("pre", "final")}
     if untie:
         extra = sum(modules[r].weight.numel() for r, _ in untie)
@@ -243,5 +247,8 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
     scales = {w.name: w.scale for w in nm.writers if w.scale is not None}
     if scales:
         notes.append(f"folded {len(scales)} layer scale(s) into their writers (the scales become 1)")
+    if recentre:
+        notes.append(f"{len(recentre)} embedding norm(s) over several tables centre their output "
+                     f"(CentredLayerNorm; load with normsurgeon.load): {', '.join(recentre)}")
     return RmsPlan(target, policy, int(nm.hidden_size), untie, bake, center, folds, replace, created,
-                   kept_shift, kept_gain, notes, scales)
+                   kept_shift, kept_gain, notes, scales, recentre)
