@@ -23,21 +23,22 @@ exactly ``x * p`` (DINOv2's ``Dinov2LayerScale``), each used once.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from normsurgeon.graph.layouts import layout_of
 
 _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
 _WRITER_LAYOUTS = ("linear", "conv1d")
-_probe_cache: dict[int, str | None] = {}
+_probe_cache: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 
 def scale_module_param(module: torch.nn.Module) -> str | None:
     """The parameter name if ``module`` has exactly one 1-D float parameter p, no children and no
     buffers, and computes ``x * p`` (checked on a random input); else None."""
-    key = id(module)
-    if key in _probe_cache:
-        return _probe_cache[key]
+    if module in _probe_cache:  # keyed by the module itself: ids are reused once a module is freed
+        return _probe_cache[module]
     result = None
     params = list(module.named_parameters(recurse=False))
     if len(params) == 1 and params[0][1].dim() == 1 and params[0][1].is_floating_point() \
@@ -51,7 +52,7 @@ def scale_module_param(module: torch.nn.Module) -> str | None:
                 result = name
         except Exception:  # noqa: BLE001 - a module that does not take one tensor is not a layer scale
             result = None
-    _probe_cache[key] = result
+    _probe_cache[module] = result
     return result
 
 
