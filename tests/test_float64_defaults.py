@@ -43,3 +43,16 @@ def test_a_stream_that_cannot_be_followed_is_refused_naming_the_term():
         plan_rms_conversion(model, build_norm_map(model), "rmsnorm")
     msg = str(e.value)
     assert "cannot be followed" in msg and "embed_positions" in msg and len(msg) <= MAX_CHARS + 80
+
+
+def test_kernels_without_float64_are_traced_in_float32():
+    """PhiMoE's grouped expert matmul has no float64 kernel: the map traces a float32 copy instead of
+    crashing (the structure is the same); the refusal then names what stops the conversion."""
+    cfg = T.PhimoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,
+                         num_local_experts=4, num_experts_per_tok=2)
+    model = randomise(T.PhimoeForCausalLM(cfg)).eval().double()
+    nm = build_norm_map(model)
+    assert nm.by_role("pre")
+    with pytest.raises(UnsupportedModel):  # fused expert weights as residual writers: not handled yet
+        plan_rms_conversion(model, nm, "rmsnorm")

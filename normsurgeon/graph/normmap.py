@@ -22,6 +22,7 @@ Roles of token norms (LayerNorm / RMSNorm families):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -161,8 +162,21 @@ def _walk_readers(graph: DataflowGraph, start: int, norm_names: set[str]) -> tup
 def build_norm_map(model: torch.nn.Module, example: dict[str, Any] | None = None) -> NormMap:
     """Trace ``model`` once (on ``example`` kwargs, or a tiny input built from its config) and analyse it."""
     example = example if example is not None else example_inputs(model)
-    graph = trace_dataflow(model, (), example)
+    try:
+        graph = trace_dataflow(model, (), example)
+    except RuntimeError as e:
+        if not _is_float64(model) or not any(w in str(e) for w in ("Double", "double", "float64")):
+            raise
+        # Some kernels have no float64 version (PhiMoE's grouped expert matmul): the structure is the same
+        # in float32, so trace a float32 copy; the plan still acts on (the names of) the float64 model.
+        copy32 = copy.deepcopy(model).float()
+        graph = trace_dataflow(copy32, (), {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                                            for k, v in example.items()})
     return analyse(model, graph)
+
+
+def _is_float64(model: torch.nn.Module) -> bool:
+    return any(p.dtype == torch.float64 for p in model.parameters())
 
 
 def _parameter_free_norms(graph: DataflowGraph) -> dict[str, NormKind]:
