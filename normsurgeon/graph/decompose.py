@@ -40,6 +40,38 @@ def _is_scalar_like(node: Node) -> bool:
     return len(node.shape) == 0 or all(s == 1 for s in node.shape)
 
 
+def _is_row_factor(factor: Node, x: Node) -> bool:
+    """``factor`` scales whole rows of ``x``: width 1 on the feature axis, no more dims than ``x``."""
+    return bool(factor.shape) and bool(x.shape) and factor.shape[-1] == 1 and x.shape[-1] > 1 \
+        and len(factor.shape) <= len(x.shape) and factor.kind != "param"
+
+
+# Matrix products that apply a parameter read directly (fused MoE experts: a [E, d_ff, d] stack applied
+# with a grouped matmul): the product is a residual writer whose output axis is an axis of the parameter.
+PARAM_PRODUCTS = {"_grouped_mm", "bmm", "matmul", "mm", "__matmul__", "linear"}
+_ZEROS = {"zeros_like", "zeros", "new_zeros"}  # an accumulator's start: the sum of no atoms
+_INDEX_ADD = {"index_add", "index_add_"}  # acc.index_add_(dim, rows, src): acc plus src's rows
+
+
+def param_product(graph: DataflowGraph, n: Node) -> tuple[str, int] | None:
+    """(parameter name, its output axis) when ``n`` multiplies data by one parameter read directly and the
+    output width matches exactly one axis of that parameter; else None."""
+    if n.target not in PARAM_PRODUCTS or not n.shape:
+        return None
+    params = []
+    for i in n.inputs:
+        src = graph.nodes[i]
+        while src.kind == "op" and src.target in TRANSPARENT and src.inputs:
+            src = graph.nodes[src.inputs[0]]
+        if src.kind == "param" and src.is_float:
+            params.append(src)
+    if len(params) != 1 or len(params[0].shape) < 2:  # one weight, no bias term
+        return None
+    p = params[0]
+    axes = [k for k, size in enumerate(p.shape) if size == n.shape[-1]]
+    return (p.target, axes[0]) if len(axes) == 1 else None
+
+
 def decompose(graph: DataflowGraph, norm_names: set[str]) -> list[frozenset[int] | None]:
     """For each node: the set of atom node indices it is the sum of, or None if not linear."""
     terms: list[frozenset[int] | None] = []
@@ -56,8 +88,12 @@ def decompose(graph: DataflowGraph, norm_names: set[str]) -> list[frozenset[int]
             elif scaled_writer(graph, n, terms) is not None:  # a layer-scale module on one writer
                 t = frozenset([n.idx])
         elif n.kind == "op" and n.is_float:
-            t = frozenset([n.idx]) if n.target in _SCALE and scaled_writer(graph, n, terms) else \
-                _decompose_op(graph, n, terms)
+            if n.target in _SCALE and scaled_writer(graph, n, terms):
+                t = frozenset([n.idx])
+            elif param_product(graph, n) is not None:
+                t = frozenset([n.idx])
+            else:
+                t = _decompose_op(graph, n, terms)
         terms.append(t)
     return terms
 
@@ -75,16 +111,27 @@ def _decompose_op(graph: DataflowGraph, n: Node, terms: list) -> frozenset[int] 
             return terms[ins[0]]
         return None
     if name in _SCALE:
-        # Scaling by a scalar (a number, or a tensor with only unit dimensions) commutes with centring.
+        # Scaling by a scalar (a number, or a tensor with only unit dimensions) commutes with centring, and
+        # so does scaling each row by its own factor (a factor of width 1 on the feature axis: MoE routing
+        # weights), which keeps every row a combination of the same atoms.
         if len(ins) == 1:
             return terms[ins[0]]
         if len(ins) == 2:
             a, b = (graph.nodes[i] for i in ins)
-            if _is_scalar_like(b):
+            if _is_scalar_like(b) or _is_row_factor(b, a):
                 return terms[ins[0]]
-            if _is_scalar_like(a) and name in ("mul", "mul_", "__mul__", "__rmul__"):
+            if (_is_scalar_like(a) or _is_row_factor(a, b)) and name in ("mul", "mul_", "__mul__", "__rmul__"):
                 return terms[ins[1]]
         return None
+    if name in _ZEROS:
+        return frozenset()
+    if name in _INDEX_ADD:
+        dim = next((a for a in n.scalars if isinstance(a, int) and not isinstance(a, bool)), n.kwargs.get("dim", 0))
+        floats = [i for i in ins if graph.nodes[i].is_float]
+        if len(floats) != 2 or dim % max(len(n.shape), 1) == len(n.shape) - 1:
+            return None
+        a, b = terms[floats[0]], terms[floats[1]]
+        return a | b if a is not None and b is not None else None
     if name in _CAT:
         dim = n.kwargs.get("dim", next((s for s in n.scalars if isinstance(s, int)), 0))
         if dim in (-1, len(n.shape) - 1):

@@ -30,7 +30,8 @@ import torch
 
 from normsurgeon.graph.layouts import has_bias, in_features, layout_of, out_features
 from normsurgeon.graph.norm_kinds import NormKind, classify_norm
-from normsurgeon.graph.decompose import ADD_OPS, TOKEN_REDUCTIONS, TRANSPARENT, decompose, feature_axis_kept
+from normsurgeon.graph.decompose import (ADD_OPS, TOKEN_REDUCTIONS, TRANSPARENT, decompose, feature_axis_kept,
+                                         param_product)
 from normsurgeon.graph.layer_scale import scaled_writer
 from normsurgeon.graph.placement import BlockInfo, block_of, block_placements, find_blocks
 from normsurgeon.graph.trace import DataflowGraph, Node, trace_dataflow
@@ -231,8 +232,13 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
     scales = {a: sw for a in stream_atoms if graph.nodes[a].kind in ("op", "module")
               and (sw := scaled_writer(graph, graph.nodes[a], terms)) is not None}
 
+    products = {a: pp for a in stream_atoms if (pp := param_product(graph, graph.nodes[a])) is not None}
+
     def atom_name(a: int) -> str:
-        """A stream atom's writer name (a layer-scaled writer is named by its linear layer)."""
+        """A stream atom's writer name (a layer-scaled writer is named by its linear layer, a parameter
+        product by its parameter)."""
+        if a in products:
+            return products[a][0]
         return graph.nodes[scales[a][0]].target if a in scales else graph.nodes[a].target
 
     writer_nodes = {atom_name(a): graph.nodes[scales[a][0]] if a in scales else graph.nodes[a] for a in stream_atoms}
@@ -286,8 +292,11 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                               problems, reads_output, in_idx, partners, sorted(set(keep))))
 
     writers = []
+    product_axis = {pp[0]: pp[1] for pp in products.values()}
     for name, wn in sorted(writer_nodes.items(), key=lambda kv: kv[1].idx):
-        if wn.kind == "param":
+        if name in product_axis:  # fused expert weights: centre along the parameter's output axis
+            writers.append(Writer(name, f"param:{product_axis[name]}", wn.shape[-1]))
+        elif wn.kind == "param":
             kind = "buffer" if name not in dict(model.named_parameters()) else "param"
             writers.append(Writer(name, kind, wn.shape[-1] if wn.shape else None))
         else:

@@ -21,7 +21,8 @@ import torch
 from normsurgeon.module_tree import set_module
 from normsurgeon.modules import CentredLayerNorm, CRMSNorm, RMSNorm
 from normsurgeon.transforms.plan import RmsPlan
-from normsurgeon.transforms.primitives import (bake_norm_into_table, center_writer, fold_affine_into_reader,
+from normsurgeon.transforms.primitives import (bake_norm_into_table, center_tensors, center_writer,
+                                               fold_affine_into_reader,
                                                fold_scale_into_writer, shrink_reader, shrink_writer)
 
 
@@ -86,6 +87,10 @@ def center_writers(model: torch.nn.Module, plan: RmsPlan) -> None:
     for name, kind in plan.center:
         if kind == "param":
             center_writer(None, params[name])
+            continue
+        if kind.startswith("param:"):  # fused expert weights (graph/decompose.py param_product)
+            with torch.no_grad():
+                center_tensors(params[name], None, kind)
             continue
         scale = plan.layer_scales.get(name)
         if scale is not None:  # gamma * W(h): fold gamma into W first (graph/layer_scale.py), gamma := 1

@@ -132,6 +132,8 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
     if not nm.by_role("pre"):
         reasons.append(Refusal("no Pre-LN norm was found (no norm reads the residual stream before a block)", "no-pre"))
     if target == "crmsnorm":
+        reasons.extend(Refusal(f"residual writer `{w.name}` is a stack of expert weights: Pre-CRMSNorm cannot shrink "
+                               "it yet", "writer", w.name) for w in nm.writers if w.kind.startswith("param:"))
         for n in nm.by_role("final"):
             if n.reads_output:
                 reasons.append(Refusal(f"`{n.name}`'s output is a model output; Pre-CRMSNorm would change its width",
@@ -208,7 +210,7 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
 
     writer_params = {}
     for name, kind in center:
-        if kind != "param":
+        if not kind.startswith("param"):
             writer_params[id(modules[name].weight)] = name
     seen_readers: dict[str, str] = {}
     folds, untie, created, kept_shift, kept_gain = [], [], [], [], []

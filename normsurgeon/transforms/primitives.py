@@ -99,6 +99,9 @@ def center_tensors(w: torch.Tensor, bias: torch.Tensor | None, layout: str) -> N
     if layout == "param":
         w.sub_(w.mean(-1, keepdim=True))  # [..., d]
         return
+    if layout.startswith("param:"):  # stacked expert weights, e.g. [E, d, d_ff]: centre the output axis
+        w.sub_(w.mean(int(layout.split(":")[1]), keepdim=True))
+        return
     if layout in ("linear", "conv"):
         w.sub_(w.mean(0, keepdim=True))  # [out, ...] -> centre over out
     elif layout in ("conv1d", "embedding"):
