@@ -78,7 +78,7 @@ def diagnose_model(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: in
         p.grad = None
     cache: list[list[torch.Tensor]] = []  # per removal micro-batch: states 0..L-1 (detached)
     base_ce: list[float] = []
-    out_tuple_len = [0]
+    out_shape: list = [None]  # how a block returns its hidden state: (container type, length) or None (bare)
     current: dict[str, Any] = {}
     timings: dict[str, float] = {}
 
@@ -104,8 +104,8 @@ def diagnose_model(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: in
 
     def post_hook(i: int):
         def fn(mod, args, kwargs, out):
-            h = out[0] if isinstance(out, tuple) else out
-            out_tuple_len[0] = len(out) if isinstance(out, tuple) else 0
+            h = out[0] if isinstance(out, (tuple, list)) else out  # OpenAI GPT's blocks return a list
+            out_shape[0] = (type(out), len(out)) if isinstance(out, (tuple, list)) else None
             stats[i + 1].update(h, current["offset"])
         return fn
 
@@ -159,7 +159,7 @@ def diagnose_model(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: in
             ce_k = 0.0
             for states, start in zip(cache, range(0, n_removal, micro_batch)):
                 mb = ids[start:start + micro_batch]
-                ce_k += float(_without_block(model, blocks, k, states[k], out_tuple_len[0], mb))
+                ce_k += float(_without_block(model, blocks, k, states[k], out_shape[0], mb))
             layers[k]["removal_delta_loss"] = (ce_k - base) / n_tok
             say(f"layer removal: {k + 1}/{n_layers}")
         timings["removal_s"] = time.perf_counter() - t1
@@ -174,10 +174,14 @@ def diagnose_model(model: torch.nn.Module, ids: torch.Tensor, *, micro_batch: in
 
 
 @torch.no_grad()
-def _without_block(model, blocks, k: int, state_k: torch.Tensor, tuple_len: int, mb: torch.Tensor) -> torch.Tensor:
-    """Summed CE with block ``k`` replaced by the identity: blocks 0..k replay the cached input of block k."""
+def _without_block(model, blocks, k: int, state_k: torch.Tensor, out_shape, mb: torch.Tensor) -> torch.Tensor:
+    """Summed CE with block ``k`` replaced by the identity: blocks 0..k replay the cached input of block k.
+    ``out_shape``: (tuple or list, length) when the blocks return a container, None for a bare tensor."""
     def wrap(h):
-        return (h,) + (None,) * (tuple_len - 1) if tuple_len else h
+        if out_shape is None:
+            return h
+        kind, n = out_shape
+        return kind([h] + [None] * (n - 1))
 
     def replay(*args, **kwargs):
         return wrap(state_k)

@@ -33,13 +33,33 @@ def load_any(ref: str, allow_pickle: bool = False, trust_remote_code: bool = Fal
     return load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
+# Config keys that bound the sequence length where ``max_seq_len`` (io/example_inputs.py) does not look:
+# MPT / DBRX ``max_seq_len`` (the ALiBi bias is built that long), CodeGen ``n_ctx``.
+EXTRA_LENGTH_KEYS = ("max_seq_len", "n_ctx", "max_sequence_length")
+
+
 def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest token window the model takes (``None``: no limit found).
+
+    ``max_seq_len`` (position tables with their offsets: OPT's 2, RoBERTa's ``padding_idx + 1``, and the
+    config's position keys), tightened by the length keys it does not read.
+
+    >>> import transformers as T
+    >>> max_positions(T.MptForCausalLM(T.MptConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=24, vocab_size=32)))
+    24
+    """
+    from normsurgeon.io.example_inputs import max_seq_len
+
     cfg = getattr(model, "config", None)
-    for attr in ("n_positions", "max_position_embeddings"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    if cfg is None:
+        return None
+    try:
+        tables = max_seq_len(model)
+    except AttributeError:  # not a Hugging Face model (no main_input_name)
+        tables = None
+    limits = [v for v in [tables] + [getattr(cfg, k, None) for k in EXTRA_LENGTH_KEYS]
+              if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(limits) if limits else None
 
 
 def token_windows(data: str, model: torch.nn.Module, folder: Path | None, num: int, seq_len: int, seed: int,

@@ -1,7 +1,8 @@
 """Initial scales: the mean per-token scale of every live norm over a few training batches.
 
 With several processes each takes its rows of each batch and the sums are all-reduced, so every rank
-starts from the same value.
+starts from the same value. A norm whose scale is already frozen (an embedding norm baked into its
+table, scale 1) is left alone and reported with that scale.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def calibrate(sites: Sites, data: TokenData, batches: int, batch_size: int, bloc
     model = sites.model
     was_training = model.training
     model.eval()
-    mods = [sites.module(s.name) for s in sites.sites]
-    for m in mods:
+    live = [(s, sites.module(s.name)) for s in sites.sites if not sites.module(s.name).frozen]
+    for _, m in live:
         m.start_calibration()
     device = next(model.parameters()).device
     try:
@@ -31,6 +32,6 @@ def calibrate(sites: Sites, data: TokenData, batches: int, batch_size: int, bloc
             for chunk in ids.split(micro_batch_size or ids.shape[0]):
                 model(input_ids=chunk.to(device))
     finally:
-        values = {s.name: m.finish_calibration() for s, m in zip(sites.sites, mods)}
+        values = {s.name: m.finish_calibration() for s, m in live}
         model.train(was_training)
-    return values
+    return {s.name: values.get(s.name, float(sites.module(s.name).sigma)) for s in sites.sites}

@@ -12,7 +12,10 @@ Native form: a fixed-scale norm is linear per token, ``y = M x + c`` with
 ``c = b``. Every reader ``W`` becomes ``W M`` with bias ``W c + b``; tied readers (an output embedding
 tied to the input table) are untied; a reader without a bias slot gets one when ``W c != 0``. The norms
 become ``Identity``. The residual stream is unchanged, so every activation equals the fake-norm
-model's. DyT norms are not linear: the native form keeps them as ``DyT`` modules.
+model's. DyT norms are not linear: the native form keeps them as ``DyT`` modules. An embedding norm
+(baked into its table at install, scale 1) is applied to the table rows once more and becomes
+``Identity``. A norm read by something other than linear layers (an MoE router module, fused expert
+weights) cannot be folded: that model has no native form (``NativeFormUnavailable``), only the stock one.
 
 >>> import torch
 >>> from normsurgeon.lnfree.fake_norm import FixedScaleNorm
@@ -29,10 +32,9 @@ import dataclasses
 
 import torch
 
-from normsurgeon.errors import UnsupportedModel
 from normsurgeon.lnfree.dyt import DyT
 from normsurgeon.lnfree.fake_norm import FixedScaleNorm
-from normsurgeon.lnfree.sites import Site
+from normsurgeon.lnfree.sites import Site, _shared
 from normsurgeon.transforms.apply import mark_untied
 from normsurgeon.module_tree import set_module
 
@@ -43,6 +45,10 @@ _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
 class StockFormUnavailable(Exception):
     """Why the eps-trick form cannot be written for this model."""
+
+
+class NativeFormUnavailable(Exception):
+    """Why the folded form cannot be written for this model."""
 
 
 def fixed_map(norm: FixedScaleNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,13 +66,6 @@ def fixed_map(norm: FixedScaleNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return m, c.clone()
 
 
-def _shared(model: torch.nn.Module, param: torch.Tensor, owner: str) -> bool:
-    for name, mod in model.named_modules():
-        if name != owner and any(p is param for p in mod.parameters(recurse=False)):
-            return True
-    return False
-
-
 @dataclasses.dataclass
 class NativeInfo:
     identity: list[str]
@@ -78,8 +77,12 @@ class NativeInfo:
 def fold_native(model: torch.nn.Module, sites: list[Site]) -> NativeInfo:
     """In place: fold every fake fixed-scale norm into its readers (norm -> Identity); DyT -> ``DyT``.
 
-    Do this in float64 and cast once. Every norm must be fully fake.
+    Do this in float64 and cast once. Every norm must be fully fake. Raises NativeFormUnavailable
+    (before changing anything) when a fixed-scale norm cannot be folded.
     """
+    why = native_blocker(model, sites)
+    if why:
+        raise NativeFormUnavailable(why)
     info = NativeInfo([], [], [], {})
     for s in sites:
         norm = model.get_submodule(s.name)
@@ -88,11 +91,18 @@ def fold_native(model: torch.nn.Module, sites: list[Site]) -> NativeInfo:
         if norm.mode == "dyt":
             _to_dyt(model, s.name, norm, info)
             continue
+        if s.role == "embedding":  # rows -> norm(rows): (row - mean) * g + b, scale 1
+            table = model.get_submodule(s.readers[0][0])
+            with torch.no_grad():
+                table.weight = torch.nn.Parameter(norm(table.weight.detach()).contiguous())
+            set_module(model, s.name, torch.nn.Identity())
+            info.identity.append(s.name)
+            continue
         m, c = fixed_map(norm)
         for r, layout in s.readers:
             mod = model.get_submodule(r)
             if layout not in ("linear", "conv1d"):
-                raise UnsupportedModel(f"`{r}` reads `{s.name}` but is not a linear layer; no native form")
+                raise NativeFormUnavailable(f"`{r}` reads `{s.name}` but is not a linear layer")
             w = mod.weight.detach()
             if layout == "linear":  # [out, in]
                 new_w, extra = w @ m, w @ c  # W M, W c
@@ -112,6 +122,35 @@ def fold_native(model: torch.nn.Module, sites: list[Site]) -> NativeInfo:
     if info.untied:
         mark_untied(model)
     return info
+
+
+def native_blocker(model: torch.nn.Module, sites: list[Site]) -> str | None:
+    """Why the fixed-scale norms cannot all be folded into their readers (None: they can)."""
+    for s in sites:
+        norm = model.get_submodule(s.name)
+        if s.role == "embedding" or getattr(norm, "mode", "fixed") == "dyt":
+            continue
+        if s.unfoldable:
+            return f"`{s.name}` cannot be folded into its readers: {s.unfoldable[0]}"
+        bad = [r for r, layout in s.readers if layout not in ("linear", "conv1d")]
+        if bad:
+            return f"`{bad[0]}` reads `{s.name}` but is not a linear layer"
+    return None
+
+
+def stock_blocker(model: torch.nn.Module, sites: list[Site]) -> str | None:
+    """Why the eps-trick form cannot be written (None: it can); checks the config and the norms only."""
+    try:
+        stock_config(model, sites)
+        for s in sites:
+            norm = model.get_submodule(s.name)
+            if getattr(norm, "mode", "fixed") != "fixed":
+                raise StockFormUnavailable("DyT norms compute tanh, which no stock norm module can express")
+            if getattr(norm, "gain", None) is None:
+                raise StockFormUnavailable(f"`{s.name}` has no gain to carry the 1e6/sigma scale")
+    except StockFormUnavailable as e:
+        return str(e)
+    return None
 
 
 def _to_dyt(model: torch.nn.Module, name: str, norm: FixedScaleNorm, info: NativeInfo) -> None:
@@ -184,8 +223,8 @@ def stock_state(model: torch.nn.Module, sites: list[Site]) -> dict[str, torch.Te
         norm = model.get_submodule(s.name)
         g = norm.effective_gain().detach()
         scaled = g * (root / norm.sigma.to(g.dtype))  # [d]
-        if norm.family == "rmsnorm_offset":
-            scaled = scaled - 1.0  # the stock module computes (1 + w)
+        if norm.offset:
+            scaled = scaled - norm.offset  # the stock module computes (offset + w)
         state[f"{s.name}.{norm.weight_attr}"] = scaled
     return state
 

@@ -3,7 +3,8 @@
 ``FixedScaleNorm`` replaces one LayerNorm / RMSNorm / offset-RMSNorm module in place and keeps its
 parameters under the same attribute names, so the state-dict keys do not change (buffers are added).
 
-- real:  LN ``(x - mean) / sqrt(var + eps) * g + b``; RMS ``x / sqrt(mean(x^2) + eps) * g`` (offset: 1+g)
+- real:  LN ``(x - mean) / sqrt(var + eps) * g + b``; RMS ``x / sqrt(mean(x^2) + eps) * g`` (offset: 1+g;
+  a LayerNorm with a ``1 + g`` gain, Nemotron's LayerNorm1P, has ``gain_offset = 1``)
 - fixed: the same with the per-token scale replaced by the scalar ``sigma`` (Heimersheim 2024)
 - dyt:   ``tanh(alpha * x) * g + b`` with a learnable scalar ``alpha`` (Zhu et al. 2025, DyT)
 
@@ -57,7 +58,8 @@ class FixedScaleNorm(torch.nn.Module):
 
     def __init__(self, family: str, size: int, eps: float, weight: torch.nn.Parameter | None,
                  bias: torch.nn.Parameter | None, weight_attr: str = "weight", bias_attr: str = "bias",
-                 mode: str = "fixed", momentum: float = 0.9, dyt_alpha0: float | None = 0.5):
+                 mode: str = "fixed", momentum: float = 0.9, dyt_alpha0: float | None = 0.5,
+                 gain_offset: float = 0.0):
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}")
@@ -67,6 +69,8 @@ class FixedScaleNorm(torch.nn.Module):
         self.momentum = float(momentum)
         self.dyt_alpha0 = dyt_alpha0  # None: initialise alpha from 1/sigma when the norm is removed
         self.weight_attr, self.bias_attr = weight_attr, bias_attr
+        # The stored gain w means w + offset: 1 for rmsnorm_offset (Gemma), ``gain_offset`` otherwise.
+        self.offset = 1.0 if family == "rmsnorm_offset" else float(gain_offset)
         if weight is not None:
             setattr(self, weight_attr, weight)  # the same Parameter object: optimizer state carries over
         if bias is not None:
@@ -120,7 +124,7 @@ class FixedScaleNorm(torch.nn.Module):
         g = self.gain
         if g is None:
             return None
-        return 1.0 + g if self.family == "rmsnorm_offset" else g
+        return g + self.offset if self.offset else g
 
     # -- calibration ------------------------------------------------------------------------------
     def start_calibration(self) -> None:
@@ -137,14 +141,18 @@ class FixedScaleNorm(torch.nn.Module):
         return float(self.sigma_ema)
 
     # -- forward ----------------------------------------------------------------------------------
-    def _real(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The real norm without its gain and shift: [..., d] -> [..., d] (in x's dtype)."""
         dtype = x.dtype
         xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         if self.family == "layernorm":
             y = torch.nn.functional.layer_norm(xf, (self.size,), None, None, self.eps)
         else:
             y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., d]
-        return self._affine(y.to(dtype))
+        return y.to(dtype)
+
+    def _real(self, x: torch.Tensor) -> torch.Tensor:
+        return self._affine(self.normalize(x))
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         g, b = self.effective_gain(), self.shift

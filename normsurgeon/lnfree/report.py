@@ -51,14 +51,19 @@ def to_markdown(r: dict) -> str:
     if L.get("gap_vs_control") is not None:
         lines += ["", f"**Gap to the with-norm control: {L['gap_vs_control']:+.4f} nats/token.**"]
     eq = r["export"]
-    lines += ["", "## Export", "",
-              f"- native form (`{eq['native']['path']}`): norms folded into their readers; max |Δ log-prob| vs the "
-              f"fake-norm model in float64: {eq['native']['float64_vs_fake']:.2e}"]
+    lines += ["", "## Export", ""]
+    if eq["native"].get("path"):
+        lines.append(f"- native form (`{eq['native']['path']}`): norms folded into their readers; max |Δ log-prob| "
+                     f"vs the fake-norm model in float64: {eq['native']['float64_vs_fake']:.2e}")
+    else:
+        lines.append(f"- native form: not written ({eq['native'].get('why_not', '?')})")
     if eq["stock"].get("path"):
+        key, other = ("written_vs_native", "written native") if "written_vs_native" in eq["stock"] else \
+            ("written_vs_fake", "the fake-norm model")
         lines.append(f"- stock form (`{eq['stock']['path']}`, loads in stock `{eq['stock']['class']}`): eps "
                      f"{eq['stock']['eps']:g}, largest gain {eq['stock']['max_gain']:.3g}; float64 vs fake "
-                     f"{eq['stock']['float64_vs_fake']:.2e}; written stock vs written native "
-                     f"{eq['stock']['written_vs_native']['max_abs_logprob']:.2e} ({eq['stock']['written_vs_native']['dtype']})")
+                     f"{eq['stock']['float64_vs_fake']:.2e}; written stock vs {other} "
+                     f"{eq['stock'][key]['max_abs_logprob']:.2e} ({eq['stock'][key]['dtype']})")
         lines.append(f"- **warning**: {eq['stock']['fp16_warning']}")
     else:
         lines.append(f"- stock form: not written ({eq['stock']['why_not']})")

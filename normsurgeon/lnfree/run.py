@@ -22,13 +22,16 @@ import torch
 import yaml
 
 from normsurgeon import __version__
-from normsurgeon.errors import UsageError, VerificationFailed
+from normsurgeon.diagnose.run import max_positions
+from normsurgeon.dtype_context import default_dtype_for
+from normsurgeon.errors import UnsupportedModel, UsageError, VerificationFailed
 from normsurgeon.io.formats import CUSTOM_PREFIX
 from normsurgeon.io.loader import LoadedModel, load_model
 from normsurgeon.io.destination import Destination, claim_output
 from normsurgeon.io.writer import copy_tagalong_files, write_safetensors
 from normsurgeon.lnfree.calibrate import calibrate
-from normsurgeon.lnfree.export import BIG_EPS, StockFormUnavailable, build_stock_model, fold_native
+from normsurgeon.lnfree.export import (BIG_EPS, NativeFormUnavailable, StockFormUnavailable, build_stock_model,
+                                       fold_native, native_blocker, stock_blocker)
 from normsurgeon.lnfree.hooks import LnRemovalHooks
 from normsurgeon.lnfree.recipe import RemoveLnRecipe, load_lnfree_recipe
 from normsurgeon.lnfree.report import loss_curve_png, write_report
@@ -94,6 +97,14 @@ def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: Remove
     rank, world = acc.process_index, acc.num_processes
     status("loading the model")
     src = load_model(model, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
+    early_notes = []
+    limit = max_positions(src.model)
+    if limit is not None and cfg.block_size > limit:  # windows must fit the position tables (OPT: offset 2)
+        early_notes.append(f"block size {cfg.block_size} exceeds the model's {limit} positions; windows of {limit} "
+                           "tokens were used")
+        status(early_notes[-1])
+        cfg = cfg.model_copy(update={"block_size": limit})
+        rec = rec.model_copy(update={"train": cfg})
     vocab = getattr(getattr(src.model, "config", None), "vocab_size", None)
     tok = tokenizer_for(src.path, vocab, opts.tokenizer)
     status(f"loading data ({opts.data}, tokenizer {tok.name})")
@@ -109,6 +120,7 @@ def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: Remove
         teacher = src.model.eval().requires_grad_(False)
     sites = install(work, mode=opts.to, momentum=rec.schedule.momentum, split_qkv=opts.split_qkv,
                     dyt_alpha0=rec.dyt_alpha0)
+    _preflight(src, work, sites, windows)
     status(f"calibrating {len(sites.sites)} norms on {rec.calibration_batches} batches")
     calibrated = calibrate(sites, data, rec.calibration_batches, cfg.batch_size, cfg.block_size, cfg.seed,
                            rank, world, cfg.micro_batch_size)
@@ -149,8 +161,8 @@ def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: Remove
     losses = {"before": before, "removed_no_finetune": removed_no_ft, "after": after, "control": control_loss,
               "gap_vs_control": None if control_loss is None else after - control_loss,
               "unit": "nats/token" + (" (byte)" if tok.name == "bytes" else "")}
-    notes = [s.note for s in sites.sites if s.note]
-    if late:
+    notes = early_notes + [f"`{s.name}`: {s.note}" for s in sites.sites if s.note]
+    if late and opts.finetune:  # calibrate-only: every event comes after the (absent) training, by design
         notes.append(f"{len(late)} removal event(s) came after the last training step and were applied without "
                      "fine-tuning: " + ", ".join(f"{e.norm}:{e.path}" for e in late))
     if result is not None and result.backoffs:
@@ -179,9 +191,45 @@ def _train_summary(result, world: int) -> dict:
             "resumed_from": result.resumed_from, "history": result.history, "evals": result.evals}
 
 
+def _preflight(src: LoadedModel, work: torch.nn.Module, sites: Sites, windows: torch.Tensor) -> None:
+    """Before any calibration or training: refuse a model that no form can be written for, and check that
+    installing the norms (and baking embedding norms into their tables) left the function unchanged."""
+    native_why, stock_why = native_blocker(work, sites.sites), stock_blocker(work, sites.sites)
+    if native_why and stock_why:
+        raise UnsupportedModel(f"no form of the result can be written: no native form ({native_why}) and no stock "
+                               f"form ({stock_why})"[:400], {"native": native_why, "stock": stock_why})
+    ids = windows[:2, : min(32, windows.shape[1])]
+    m = _max_dlogprob(src.model.eval(), work.eval(), ids)
+    th = THRESHOLDS.get(dtype_name(src.dtype), THRESHOLDS["float32"])["max_abs_logprob"]
+    if m["max_abs_logprob"] > th:
+        baked = [s.name for s in sites.sites if s.role == "embedding"]
+        why = (f"baking {', '.join(f'`{b}`' for b in baked)} into its table (does the norm read more than the rows?)"
+               if baked else "replacing the norms (a norm computes something its probed kind does not describe)")
+        raise UnsupportedModel(f"cannot remove the norms: {why} changed the outputs by {m['max_abs_logprob']:.2e} "
+                               "(max |Δ log-prob|) before any was removed")
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits on the CPU; ``ids`` go to the model's device (the fake model may sit on an accelerator)."""
+    dev = next(model.parameters()).device
+    with torch.no_grad(), default_dtype_for(model):
+        return model(input_ids=ids.to(dev)).logits.cpu()
+
+
 def _max_dlogprob(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) -> dict:
-    with torch.no_grad():
-        return output_metrics(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    return output_metrics(_logits(a, ids), _logits(b, ids))
+
+
+def _float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 eval copy. Fused-expert kernels (grouped_mm) take no float64: such copies run the eager path."""
+    m = copy.deepcopy(model).double().eval()
+    cfg = getattr(m, "config", None)
+    if getattr(cfg, "_experts_implementation", None) not in (None, "eager") and hasattr(m, "set_experts_implementation"):
+        try:
+            m.set_experts_implementation("eager")
+        except (ValueError, ImportError, AttributeError):
+            pass
+    return m
 
 
 def _export_and_report(src: LoadedModel, work: torch.nn.Module, sites: Sites, out: Path, opts: RemoveLnOptions,
@@ -189,42 +237,56 @@ def _export_and_report(src: LoadedModel, work: torch.nn.Module, sites: Sites, ou
     sites.remove_hooks()
     out_dtype = src.dtype
     ids = windows[:4, : min(64, windows.shape[1])]
-    fake64 = copy.deepcopy(work).double().eval()
-    native64 = copy.deepcopy(fake64)
-    info = fold_native(native64, sites.sites)
-    m_native = _max_dlogprob(fake64, native64, ids)
-    if m_native["max_abs_logprob"] > THRESHOLDS["float64"]["max_abs_logprob"]:
-        raise VerificationFailed(f"the native form differs from the fake-norm model by "
-                                 f"{m_native['max_abs_logprob']:.2e} in float64; nothing written")
+    fake64 = _float64(work)
+    native64, info, native_status = copy.deepcopy(fake64), None, {}
+    try:
+        info = fold_native(native64, sites.sites)
+    except NativeFormUnavailable as e:
+        native64, native_status = None, {"why_not": str(e)}
+    if native64 is not None:
+        m_native = _max_dlogprob(fake64, native64, ids)
+        if m_native["max_abs_logprob"] > THRESHOLDS["float64"]["max_abs_logprob"]:
+            raise VerificationFailed(f"the native form differs from the fake-norm model by "
+                                     f"{m_native['max_abs_logprob']:.2e} in float64; nothing written")
+        native_status = {"float64_vs_fake": m_native["max_abs_logprob"], "identity": info.identity,
+                         "created_bias": info.created_bias, "untied": info.untied, "dyt": list(info.dyt)}
     stock_info: dict[str, Any] = {}
     stock64 = None
     try:
         stock64 = build_stock_model(fake64, sites.sites)
         m_stock = _max_dlogprob(fake64, stock64, ids)
-        max_gain = max(float(stock64.get_submodule(s.name).weight.detach().abs().max()) for s in sites.sites)
+        # The stock classes may compute their norms in float32 whatever the model's dtype (Llama's RMSNorm):
+        # the stock form is held to the float32 tolerance even in float64.
+        th = THRESHOLDS["float32"]["max_abs_logprob"]
+        if m_stock["max_abs_logprob"] > th:
+            raise VerificationFailed(f"the stock form (eps trick) differs from the fake-norm model by "
+                                     f"{m_stock['max_abs_logprob']:.2e} in float64; nothing written")
+        max_gain = max(float(getattr(stock64.get_submodule(s.name), sites.module(s.name).weight_attr).detach().abs().max())
+                       for s in sites.sites)
         stock_info = {"class": type(work).__name__, "eps": BIG_EPS, "float64_vs_fake": m_stock["max_abs_logprob"],
                       "max_gain": max_gain,
                       "fp16_warning": f"the stock form's norm gains reach {max_gain:.3g}, above the float16 maximum "
                                       "65504: in float16 it overflows (NaN/inf); bfloat16 and float32 are fine"}
     except StockFormUnavailable as e:
         stock_info = {"why_not": str(e)}
-    native_cfg = _native_config(src, work, info, sites)
-    status_dict = {"native": {"float64_vs_fake": m_native["max_abs_logprob"], "identity": info.identity,
-                              "created_bias": info.created_bias, "untied": info.untied, "dyt": list(info.dyt)},
-                   "stock": stock_info}
+    if native64 is None and stock64 is None:  # _preflight refuses these before any work; kept as a guard
+        raise UnsupportedModel(f"no form of the result can be written: no native form ({native_status['why_not']}) "
+                               f"and no stock form ({stock_info['why_not']})")
+    native_cfg = _native_config(src, work, info, sites) if native64 is not None else None
+    status_dict = {"native": native_status, "stock": stock_info}
     report = {"status": "ok", "source": {"ref": src.ref, "class": type(work).__name__},
               "output": {"path": str(out), "dtype": dtype_name(out_dtype)},
               "export": status_dict, "tool": {"normsurgeon": __version__, "torch": torch.__version__}}
     report["_write"] = {"native64": native64, "native_cfg": native_cfg, "stock64": stock64, "out_dtype": out_dtype,
-                        "ctrl": ctrl, "ids": ids, "fake64": fake64}
+                        "ctrl": ctrl, "ids": ids, "fake64": fake64, "sigmas": sites.sigmas()}
     return report
 
 
 def _native_config(src: LoadedModel, work: torch.nn.Module, info, sites: Sites) -> dict:
     cfg = dict(src.config) if src.config else work.config.to_dict()
     cfg.pop("torch_dtype", None)
-    if info.untied:
-        cfg["tie_word_embeddings"] = False
+    if info.untied or getattr(getattr(work, "config", None), "tie_word_embeddings", None) is False:
+        cfg["tie_word_embeddings"] = False  # folded or baked: the head and the input table differ
     cfg["normsurgeon"] = {
         "format": "lnfree-native", "version": 1, "normsurgeon_version": __version__,
         "source_model_type": cfg.get("model_type"), "source_architecture": type(work).__name__,
@@ -243,17 +305,19 @@ def _write_outputs(tmp: Path, report: dict, src: LoadedModel, result, ctrl_resul
     w = report.pop("_write")
     out_dtype = w["out_dtype"]
     stock64 = w["stock64"]
-    native_dir = tmp / "native" if stock64 is not None else tmp
-    native_dir.mkdir(exist_ok=True)
-    native = w["native64"].to(out_dtype)
-    native_cfg = dict(w["native_cfg"], dtype=dtype_name(out_dtype))
-    write_safetensors(native.state_dict(), native_dir, 5 * 10**9, {"normsurgeon": "lnfree-native"})
-    (native_dir / "config.json").write_text(json.dumps(native_cfg, indent=2, sort_keys=True))
-    copy_tagalong_files(src.path, native_dir)
     base = report["output"]["path"]
-    report["export"]["native"]["path"] = base if native_dir == tmp else f"{base}/native"
-    loaded_native = load_model(str(native_dir)).model.float().eval()
     ids = w["ids"]
+    loaded_native = None
+    if w["native64"] is not None:
+        native_dir = tmp / "native" if stock64 is not None else tmp
+        native_dir.mkdir(exist_ok=True)
+        native = w["native64"].to(out_dtype)
+        native_cfg = dict(w["native_cfg"], dtype=dtype_name(out_dtype))
+        write_safetensors(native.state_dict(), native_dir, 5 * 10**9, {"normsurgeon": "lnfree-native"})
+        (native_dir / "config.json").write_text(json.dumps(native_cfg, indent=2, sort_keys=True))
+        copy_tagalong_files(src.path, native_dir)
+        report["export"]["native"]["path"] = base if native_dir == tmp else f"{base}/native"
+        loaded_native = load_model(str(native_dir)).model.float().eval()
     if stock64 is not None:
         stock = stock64.to(out_dtype)
         import transformers
@@ -264,18 +328,21 @@ def _write_outputs(tmp: Path, report: dict, src: LoadedModel, result, ctrl_resul
         cfg["normsurgeon"] = {"format": "lnfree-stock", "version": 1, "stock_loadable": True,
                               "source_model_type": cfg.get("model_type"), "source_architecture": type(stock).__name__,
                               "eps_trick": {"eps": BIG_EPS, "gain_scale": "1e6 / sigma"},
-                              "sigmas": w["native_cfg"]["normsurgeon"]["sigmas"]}
+                              "sigmas": w["sigmas"]}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         copy_tagalong_files(src.path, tmp)
         loaded_stock = load_model(str(tmp), stock=True).model.float().eval()
-        m = _max_dlogprob(loaded_stock, loaded_native, ids)
         th = THRESHOLDS.get(dtype_name(out_dtype), THRESHOLDS["float32"])["max_abs_logprob"]
-        report["export"]["stock"].update(path=base, written_vs_native={**m, "dtype": dtype_name(out_dtype), "threshold": th})
+        other, key, what = ((loaded_native, "written_vs_native", "native form") if loaded_native is not None else
+                            (w["fake64"].float(), "written_vs_fake", "fake-norm model"))
+        m = _max_dlogprob(loaded_stock, other, ids)
+        report["export"]["stock"].update(path=base, **{key: {**m, "dtype": dtype_name(out_dtype), "threshold": th}})
         if m["max_abs_logprob"] > th:
-            raise VerificationFailed(f"the written stock and native forms disagree by {m['max_abs_logprob']:.2e}; "
+            raise VerificationFailed(f"the written stock form and the {what} disagree by {m['max_abs_logprob']:.2e}; "
                                      "nothing written")
-    m_fake = _max_dlogprob(w["fake64"].float(), loaded_native, ids)
-    report["export"]["native"]["written_vs_fake_float32"] = m_fake["max_abs_logprob"]
+    if loaded_native is not None:
+        m_fake = _max_dlogprob(w["fake64"].float(), loaded_native, ids)
+        report["export"]["native"]["written_vs_fake_float32"] = m_fake["max_abs_logprob"]
     if w["ctrl"] is not None:
         (tmp / "control").mkdir()
         w["ctrl"].save_pretrained(str(tmp / "control"))
