@@ -84,7 +84,8 @@ def max_seq_len(model: torch.nn.Module) -> int | None:
     12
     """
     cfg = model.config
-    keys = ("max_position_embeddings", "n_positions", "max_target_positions")
+    keys = ("max_position_embeddings", "n_positions", "max_target_positions", "max_seq_len", "n_ctx",
+            "max_sequence_length")  # MPT: max_seq_len (ALiBi), CTRL: n_ctx
     limits = [v for v in (getattr(cfg, k, None) for k in keys) if isinstance(v, int) and v > 0]
     # Tables indexed by token positions: the whole model for text, the decoder when it reads features.
     scope = model if model.main_input_name == "input_ids" else _decoder(model) or model
