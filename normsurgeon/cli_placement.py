@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Rewrite and measure in memory; write nothing."),
         as_json: bool = ReportJsonOpt,
     ) -> None:
-        """Rewrite a Pre-LN Llama- or GPT-2-family model to another norm placement and report what it preserves.
+        """Rewrite a Pre-LN / Pre-RMSNorm decoder (sequential or parallel blocks, separate or fused q/k/v, read from
+        its traced dataflow) to another norm placement and report what it preserves.
 
         exact: lns (1/sqrt(l) folded into the input-norm gains), pre. approximate after calibration: peri,
         output norms and dyt (gains / alpha from calibration data). not function-preserving: post, mix,

@@ -36,7 +36,7 @@ def stock_target(source_cfg: dict, spec: PlacementSpec, family: str) -> str | No
     plain = not spec.embedding_norm and not spec.final_dyt
     if labels == {"pre"} and plain and all(b.qk_norm == "keep" for b in spec.blocks):
         return (source_cfg.get("architectures") or [None])[0]
-    if family != "llama" or source_cfg.get("model_type") != "llama" or not plain:
+    if source_cfg.get("model_type") != "llama" or not plain:  # the stock targets hold Llama's keys
         return None
     if labels == {"peri"} and all(b.qk_norm == "keep" for b in spec.blocks):
         return "HyperCLOVAXForCausalLM"
@@ -48,6 +48,8 @@ def stock_target(source_cfg: dict, spec: PlacementSpec, family: str) -> str | No
 def _stock_config(source_cfg: dict, target: str) -> dict:
     import transformers as T
 
+    if target not in ("HyperCLOVAXForCausalLM", "Qwen3ForCausalLM"):
+        return dict(source_cfg)  # unchanged Pre-LN: the source's own config
     fields = {k: source_cfg[k] for k in _COMMON if k in source_cfg}
     hd = fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
     if target == "HyperCLOVAXForCausalLM":
@@ -154,7 +156,7 @@ def load_placed(ref: str | Path):
     from safetensors.torch import load_file
 
     from normsurgeon.io.loader import LoadedModel, source_model
-    from normsurgeon.placement.family import family_of
+    from normsurgeon.placement.anatomy import find_anatomy
     from normsurgeon.placement.runtime import install
 
     path = Path(ref)
@@ -165,7 +167,8 @@ def load_placed(ref: str | Path):
     model = source_model(cfg, sec)
     cfg.pop("normsurgeon")
     cfg["model_type"] = sec["source_model_type"]
-    install(model, family_of(model), PlacementSpec(**sec["placement"]), alpha0=sec.get("alpha0", 0.5))
+    model.eval()
+    install(model, find_anatomy(model), PlacementSpec(**sec["placement"]), alpha0=sec.get("alpha0", 0.5))
     files = sorted(path.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
     for f in files:

@@ -21,7 +21,7 @@ import torch
 from normsurgeon.errors import InputError, UsageError
 from normsurgeon.placement.apply import place
 from normsurgeon.placement.evaluate import compare
-from normsurgeon.placement.family import family_of
+from normsurgeon.placement.anatomy import find_anatomy
 from normsurgeon.placement.spec import SCHEMES, build_spec, parse_block_spec
 
 
@@ -92,28 +92,39 @@ def _place(model: str, dest, scheme: str | None, blocks: str | None, options: di
         net, source_cfg, ref_path = lm.model, dict(lm.config), lm.path
         if lm.converted is not None:
             raise UsageError("MODEL is already a normsurgeon output; place from the original model")
-    fam = family_of(net)
-    L = len(fam.blocks(net))
+    anatomy = find_anatomy(net)
+    L = len(anatomy.blocks)
     try:
         spec = parse_block_spec(blocks, L) if blocks else build_spec(scheme, L, options)
     except (TypeError, ValueError) as e:  # pydantic: unknown or invalid scheme options
         raise UsageError(f"invalid options for scheme {scheme!r}: {str(e).splitlines()[0]}") from None
+    from normsurgeon.placement.runtime import check
+
+    check(anatomy, spec)  # a structure the spec cannot apply to is refused before any data is read
     calib = evals = None
     data_desc: dict = {}
     if not from_config:
         if data is None:
             raise UsageError("converting a checkpoint needs --data (calibration text) to set gains and report "
                              "the loss change")
-        cap = getattr(net.config, "n_positions", None) or getattr(net.config, "max_position_embeddings", None)
+        from normsurgeon.io.example_inputs import max_seq_len
+
+        cap = max_seq_len(net)  # position tables with their offsets (OPT: 2)
         seq_len = min(seq_len, cap) if cap else seq_len
         calib, evals, data_desc = calibration_windows(data, net, ref_path, calib_sequences, eval_sequences,
                                                       seq_len, seed, tokenizer)
+        vocab = getattr(net.config, "vocab_size", None)
+        top = int(max(calib.max(), evals.max()))
+        if vocab and top >= vocab:
+            raise UsageError(f"--data has token id {top} but the model's vocabulary has {vocab} entries "
+                             f"(tokenizer {data_desc.get('tokenizer', tokenizer) or 'default'}); pass a matching --tokenizer")
     source = copy.deepcopy(net) if not from_config else None
-    say(f"placing {scheme or blocks} on {type(net).__name__} ({fam.name} family, {L} blocks)")
+    say(f"placing {scheme or blocks} on {type(net).__name__} ({anatomy.summary()})")
     result = place(net, spec, mode="fresh" if from_config else "convert", calib_ids=calib,
-                   calibrate_gains=calibrate, alpha0=alpha0, deepnorm_beta=options.get("init_beta"))
+                   calibrate_gains=calibrate, alpha0=alpha0, deepnorm_beta=options.get("init_beta"),
+                   anatomy=anatomy)
     report: dict = {"model": model, "scheme": scheme or f"blocks:{blocks}", "mode": result.mode,
-                    "family": result.family, "blocks": [b.label for b in result.spec.blocks],
+                    "family": result.family, "anatomy": result.anatomy, "blocks": [b.label for b in result.spec.blocks],
                     "embedding_norm": result.spec.embedding_norm, "preservation": result.preservation,
                     "notes": result.notes, "data": data_desc, "calibration_tokens": result.calibration_tokens}
     if source is not None:
@@ -129,7 +140,7 @@ def _place(model: str, dest, scheme: str | None, blocks: str | None, options: di
 
         out = dest.path
         with dest.staging() as tmp:
-            report["output"] = write_placed(net, tmp, source_cfg, fam.name, result.spec, alpha0,
+            report["output"] = write_placed(net, tmp, source_cfg, result.family, result.spec, alpha0,
                                             evals[:2] if evals is not None else None)
             report["output"]["tagalong"] = copy_tagalong_files(ref_path if not from_config else None, tmp)
             (tmp / "placement_report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -140,7 +151,7 @@ def _place(model: str, dest, scheme: str | None, blocks: str | None, options: di
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"# Placement: {r['scheme']} ({r['mode']})", "", f"- model: `{r['model']}` ({r['family']} family)",
+    lines = [f"# Placement: {r['scheme']} ({r['mode']})", "", f"- model: `{r['model']}` ({r['family']}: {r.get('anatomy', '')})",
              f"- blocks: {', '.join(r['blocks'])}", f"- preserves: **{r['preservation']['level']}**"]
     lines += [f"  - {k}: {v}" for k, v in r["preservation"]["reasons"].items()]
     ev = r.get("evaluation")

@@ -1,4 +1,4 @@
-"""Tiny randomised Llama / GPT-2 / Qwen3 models for the placement tests (float64, norms perturbed)."""
+"""Tiny randomised Llama / GPT-2 / Qwen3 / GPT-J models for the placement tests (float64, norms perturbed)."""
 from __future__ import annotations
 
 import sys
@@ -34,6 +34,14 @@ def qwen3(layers: int = 2, dtype=torch.float64) -> torch.nn.Module:
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                         bos_token_id=0, eos_token_id=0)
     return randomise(T.Qwen3ForCausalLM(cfg)).to(dtype)
+
+
+def gptj(layers: int = 2, dtype=torch.float64) -> torch.nn.Module:
+    """A parallel block (attention and MLP read one LayerNorm)."""
+    torch.manual_seed(0)
+    cfg = T.GPTJConfig(vocab_size=64, n_positions=64, n_embd=32, n_layer=layers, n_head=4, rotary_dim=4,
+                       bos_token_id=0, eos_token_id=0)
+    return randomise(T.GPTJForCausalLM(cfg)).to(dtype)
 
 
 def ids(n: int = 4, t: int = 16, seed: int = 0) -> torch.Tensor:

@@ -75,8 +75,11 @@ def test_cli_place_lns_on_the_example_and_errors(tmp_path):
     assert report["preservation"]["level"] == "exact" and abs(report["evaluation"]["delta_loss"]) < 1e-5
     bad = runner.invoke(app, ["place", str(EXAMPLE), "--scheme", "sideways", "--data", str(data), "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown scheme" in bad.output
-    fused = runner.invoke(app, ["place", str(EXAMPLE), "--scheme", "qk-norm", "--data", str(data), "-o", str(tmp_path / "y")])
-    assert fused.exit_code == 4 and "fuses" in fused.output
-    assert not (tmp_path / "y").exists()
-    nodata = runner.invoke(app, ["place", str(EXAMPLE), "--scheme", "peri", "-o", str(tmp_path / "z")])
+    fused = runner.invoke(app, ["place", str(EXAMPLE), "--scheme", "qk-norm", "--data", str(data), "-o", str(tmp_path / "y"),
+                                "--calib-seqs", "2", "--eval-seqs", "2", "--seq-len", "32"])
+    assert fused.exit_code == 0, fused.output  # q, k heads normalised at their channels of the fused c_attn
+    assert is_placed_folder(tmp_path / "y") and load_placed(tmp_path / "y").model.transformer.h[0].attn.k_norm is not None
+    twice = runner.invoke(app, ["place", str(tmp_path / "y"), "--scheme", "lns", "--data", str(data), "-o", str(tmp_path / "z")])
+    assert twice.exit_code in (2, 4) and not (tmp_path / "z").exists()
+    nodata = runner.invoke(app, ["place", str(EXAMPLE), "--scheme", "peri", "-o", str(tmp_path / "w")])
     assert nodata.exit_code == 2 and "--data" in nodata.output

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from placement_helpers import L, block_outputs, gpt2, ids, llama, qwen3, token_rms
+from placement_helpers import L, block_outputs, gpt2, gptj, ids, llama, qwen3, token_rms
 from normsurgeon.errors import UnsupportedModel, UsageError
 from normsurgeon.placement.apply import place
 from normsurgeon.placement.evaluate import compare
@@ -131,11 +131,20 @@ def test_qk_norm_on_llama_calibrated_and_off_on_qwen3():
     assert compare(src, off, ids())["max_abs_logit_diff"] > 0
 
 
-def test_qk_norm_refused_on_fused_qkv():
-    with pytest.raises(UnsupportedModel, match="fuses"):
-        place(gpt2(), build_spec("qk-norm", L), calib_ids=ids())
-    with pytest.raises(UnsupportedModel, match="fuses"):
-        place(gpt2(), build_spec("hybridnorm", L), mode="fresh")
+def test_qk_norm_on_fused_qkv_and_refusals():
+    # GPT-2's c_attn fuses q, k, v: the anatomy maps its channels to heads, so QK-norm applies at them
+    _, m, r, ev = convert(gpt2, "qk-norm")
+    attn = m.transformer.h[0].attn
+    assert attn.q_norm.weight.shape == (8,) and attn.q_norm.weight[0] != 1 and math.isfinite(ev["delta_loss"])
+    q3 = qwen3()  # Qwen3 has q/k norms: HybridNorm keeps them and adds the v norm
+    native = q3.model.layers[0].self_attn.q_norm
+    place(q3, build_spec("hybridnorm", 2), mode="fresh")
+    assert q3.model.layers[0].self_attn.q_norm is native and q3.model.layers[0].self_attn.v_norm.weight.shape == (8,)
+    src = qwen3()
+    r = place(src, build_spec("qk-norm", 2), calib_ids=ids())  # already there: kept as they are (exact)
+    assert not hasattr(src.model.layers[0].self_attn, "v_norm") and r.preservation["level"] == "exact"
+    with pytest.raises(UnsupportedModel, match="parallel block"):  # HybridNorm's FFN residual needs a sequential block
+        place(gptj(), build_spec("hybridnorm", 2), mode="fresh")
 
 
 @pytest.mark.parametrize("factory", [llama, gpt2])
