@@ -30,6 +30,7 @@ def proj(tmp_path):
     root = tmp_path / "proj"
     tiny_gpt2().save_pretrained(root / "m")
     (root / "data.txt").write_text(TEXT)
+    (root / "lower.txt").write_text(TEXT.lower())  # bytes >= 96: outside the tiny vocabulary
     return root
 
 
@@ -72,7 +73,7 @@ def test_output_may_not_touch_the_input(capfd, proj, command, where):
     result = cli(capfd, *WRITERS[command](m, out, d), *extra)
     line = assert_failed_cleanly(result, 2, None, before, proj, words=("input",))
     assert "inputs are never modified" in line or "would delete the input" in line
-    assert sorted(p.name for p in proj.iterdir()) == ["data.txt", "m"]
+    assert sorted(p.name for p in proj.iterdir()) == ["data.txt", "lower.txt", "m"]
     assert sorted(p.name for p in m.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
@@ -298,6 +299,8 @@ def test_failed_verification_is_one_line_with_metric_threshold_and_place(capfd, 
     (lambda p: ["convert", p / "m"], ("Missing option",)),
     (lambda p: ["remove-ln", p / "m", "--data", p / "data.txt", "--tokenizer", p / "nope", "-o", p.parent / "o"], ()),
     (lambda p: ["convert", p / "m", "-o", p.parent / "o", "--max-shard-size", "lots"], ("size",)),
+    (lambda p: ["diagnose", p / "m", "--data", p / "lower.txt", "--tokenizer", "bytes", "--seq-len", "16"],
+     ("vocabulary",)),
 ])
 @pytest.mark.parametrize("as_json", [False, True])
 def test_errors_are_one_line_and_json_on_request(capfd, proj, argv, words, as_json):

@@ -20,7 +20,7 @@ import torch
 from normsurgeon.diagnose.compute import diagnose_model
 from normsurgeon.diagnose.report import to_html, to_markdown
 from normsurgeon.diagnose.spikes import log_spikes
-from normsurgeon.errors import UsageError
+from normsurgeon.errors import InputError, UsageError
 
 
 def load_any(ref: str, allow_pickle: bool = False, trust_remote_code: bool = False):
@@ -73,6 +73,10 @@ def token_windows(data: str, model: torch.nn.Module, folder: Path | None, num: i
     tokens, split = (td.heldout, "heldout") if td.heldout.numel() >= seq_len else (td.train, "train")
     if tokens.numel() < seq_len:
         raise UsageError(f"the data has {tokens.numel()} tokens, fewer than one window of {seq_len}; use --seq-len")
+    top = int(tokens.max())
+    if vocab is not None and top >= vocab:
+        raise InputError(f"the data has token id {top}, outside the model's vocabulary of {vocab} "
+                         f"(tokenizer {tok.name}); pass the model's --tokenizer")
     return heldout_windows(tokens, num, seq_len, seed), {**td.description, "windows_from": split}
 
 
