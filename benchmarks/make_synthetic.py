@@ -20,6 +20,9 @@ SHAPES = {
     # GPT-2 small (124M): 12 layers, d 768, vocab 50257, tied head.
     "gpt2": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024,
              "n_embd": 768, "n_layer": 12, "n_head": 12, "bos_token_id": 50256, "eos_token_id": 50256},
+    # GPT-2 XL (1.56B): 48 layers, d 1600, 25 heads, tied head (3.1 GB in bfloat16).
+    "gpt2-xl": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024,
+                "n_embd": 1600, "n_layer": 48, "n_head": 25, "bos_token_id": 50256, "eos_token_id": 50256},
     # OPT-1.3B: 24 layers, d 2048, ffn 8192, Pre-LN.
     "opt-1.3b": {"architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": 50272, "hidden_size": 2048,
                  "num_hidden_layers": 24, "num_attention_heads": 32, "ffn_dim": 8192, "max_position_embeddings": 2048,

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 import yaml
 
 from normsurgeon.errors import UsageError, VerificationFailed
@@ -30,18 +29,22 @@ from normsurgeon.transforms.apply import DEFAULT_STEPS
 from normsurgeon.stream.execute import PROGRESS, execute_plan, partial_folder
 from normsurgeon.stream.malloc_tuning import TUNE_FROM_BYTES, tune_malloc
 from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming, validate_options
+from normsurgeon.stream.verify_memory import available_memory as _available_memory, choose_verify_mode
 
 def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", recipe: str | Path | None = None,
                    bias_policy: str | None = None,
                    dtype: str | None = None, max_shard_size: str | int = "5GB", max_memory: str | int | None = None,
                    resume: bool = False, overwrite: bool = False, verify: str = "auto",
                    status: Callable[[str], None] = lambda s: None,
-                   on_group_done: Callable[[str], None] | None = None, direct_io: bool | None = None) -> dict:
+                   on_group_done: Callable[[str], None] | None = None, direct_io: bool | None = None,
+                   streamed_for_memory: bool = False) -> dict:
     """Convert the safetensors folder ``source`` group by group and write it to ``out``; return the report.
 
     ``recipe``: a recipe file or built-in name (overrides ``to``); its steps must be the standard steps
-    of its target, which are what the streaming executor runs. ``verify``: "auto" (whole-model when
-    both models fit in memory, else layer by layer), "whole", "layerwise" or "none". ``max_memory``
+    of its target, which are what the streaming executor runs. ``verify``: "auto" (layer by layer when
+    ``streamed_for_memory``, i.e. the caller streams because the model does not fit in memory; else
+    whole-model when its measured estimate fits: ``stream/verify_memory.py``), "whole", "layerwise" or
+    "none". ``max_memory``
     refuses (exit 6) a plan whose estimated peak is above it.
     ``on_group_done(name)`` is called from the writer thread once every byte of a group is written and
     recorded in ``progress.json`` (so also for groups finished after an interrupt in the main thread).
@@ -69,7 +72,7 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     with claim_output(out, inputs=[source], overwrite=overwrite, status=status, keep=keep) as dest:
         try:
             return _stream_convert(source, dest, rec, policy, dtype, budget, max_bytes, resume, verify, status,
-                                   on_group_done, direct_io, t0)
+                                   on_group_done, direct_io, t0, streamed_for_memory=streamed_for_memory)
         except OSError as e:
             if e.errno in SPACE_ERRNOS:  # a full disk: nothing to resume into; free the space
                 shutil.rmtree(partial_folder(out), ignore_errors=True)
@@ -79,7 +82,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
 
 def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: str | None, budget: int | None,
                     max_bytes: int, resume: bool, verify: str, status: Callable[[str], None],
-                    on_group_done: Callable[[str], None] | None, direct_io: bool, t0: float) -> dict:
+                    on_group_done: Callable[[str], None] | None, direct_io: bool, t0: float, *,
+                    streamed_for_memory: bool = False) -> dict:
     from normsurgeon.convert import _config_json, _versions, parse_dtype
     from normsurgeon.verify.report import failure_line, write_report
 
@@ -113,11 +117,10 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
     (tmp / "normsurgeon_recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     report: dict = {"status": "not-verified"}
-    mode = verify
-    if verify == "auto":
-        mode = "whole" if _fits_whole(plan, budget) else "layerwise"
+    mode, why = choose_verify_mode(plan, verify, budget=budget, streamed_for_memory=streamed_for_memory,
+                                   available=_available_memory())
     if mode != "none":
-        status(f"verifying ({mode})")
+        status(f"verifying ({mode}): {why}")
         report = _verify(source, tmp, mode, plan, rec)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.update({
@@ -132,7 +135,7 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
                       "estimated_peak_bytes": plan.peak_bytes, "peak_rss_bytes": peak,
                       "checkpoint_bytes": plan.checkpoint.total_bytes, "bytes_written": stats["bytes_written"],
                       "direct_io": stats["direct_io"],
-                      "verify_mode": mode},
+                      "verify_mode": mode, "verify_reason": why},
     })
     report.setdefault("source", {"ref": str(source)})
     report.setdefault("output", {})
@@ -161,25 +164,6 @@ class _SourceShim:
     @property
     def model(self):
         return type(self.class_name, (), {})()
-
-
-def _fits_whole(plan: StreamPlan, budget: int | None) -> bool:
-    """Whole-model verification holds both models in float32 (or float64) plus activations."""
-    numel = sum(t.numel for t in plan.checkpoint.tensors.values())
-    item = 8 if plan.out_dtype == torch.float64 else 4
-    need = 2.5 * numel * item + (1 << 30)
-    avail = budget if budget is not None else _available_memory()
-    return need <= avail
-
-
-def _available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec) -> dict:
