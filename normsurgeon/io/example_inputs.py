@@ -211,9 +211,10 @@ def _decoder_ids(model, cfg, batch, seq_len, gen) -> torch.Tensor:
 
 def _pixels(cfg, batch, image_size, gen, dtype) -> torch.Tensor:
     """[B, C, H, W] images, or [B, T, C, H, W] video where the config has ``num_frames``."""
-    size = image_size or getattr(cfg, "image_size", None) or CNN_IMAGE_SIZE
+    vision = getattr(cfg, "vision_config", None)  # composite configs (SigLIP classifier) keep it there
+    size = image_size or getattr(cfg, "image_size", None) or getattr(vision, "image_size", None) or CNN_IMAGE_SIZE
     h, w = (size, size) if isinstance(size, int) else (size[0], size[-1])
-    shape = (getattr(cfg, "num_channels", None) or 3, h, w)
+    shape = (getattr(cfg, "num_channels", None) or getattr(vision, "num_channels", None) or 3, h, w)
     frames = getattr(cfg, "num_frames", None)
     return _randn((batch, frames, *shape) if frames else (batch, *shape), gen, dtype)
 

@@ -38,6 +38,18 @@ def section_of(config: dict) -> dict | None:
     return sec if isinstance(sec, dict) else None
 
 
+def norm_width(norm: torch.nn.Module) -> int:
+    """The normalized width of a norm module: ``normalized_shape`` where it has one, else its gain's
+    length (Cohere's LayerNorm keeps only ``weight``)."""
+    shape = getattr(norm, "normalized_shape", None)
+    if shape:
+        return int(shape[0] if isinstance(shape, (tuple, list)) else shape)
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise InputError(f"cannot tell the width of {type(norm).__name__}: no normalized_shape and no weight")
+    return int(weight.shape[-1])
+
+
 @contextlib.contextmanager
 def section_guard(folder: Path | str) -> Iterator[None]:
     """Rebuilding a model from its ``normsurgeon`` section: a section that was edited by hand (wrong
@@ -68,7 +80,7 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
         set_module(model, name, torch.nn.Identity())
     for name in section.get("centred") or []:  # embedding norms over several tables (modules.CentredLayerNorm)
         old = model.get_submodule(name)
-        set_module(model, name, CentredLayerNorm(old.normalized_shape[0], old.eps, getattr(old, "weight", None),
+        set_module(model, name, CentredLayerNorm(norm_width(old), old.eps, getattr(old, "weight", None),
                                                  getattr(old, "bias", None)))
     crms = section.get("crms")
     for name, eps in section.get("rmsnorm", {}).items():
@@ -76,7 +88,7 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
         if crms:
             new: torch.nn.Module = CRMSNorm(crms["full_size"], eps)
         else:
-            size = old.normalized_shape[0]
+            size = norm_width(old)
             w = torch.ones(size) if f"{name}.weight" in shapes else None
             b = torch.zeros(size) if f"{name}.bias" in shapes else None
             new = RMSNorm(size, eps, weight=w, bias=b, gain_offset=(section.get("gain_offset") or {}).get(name, 0.0))

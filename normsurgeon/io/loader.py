@@ -17,7 +17,7 @@ import torch
 from normsurgeon.errors import InputError
 from normsurgeon.io.checkpoint import FolderInfo, check_folder
 from normsurgeon.io.factory import resolve_attribute
-from normsurgeon.io.formats import CUSTOM_PREFIX, rebuild_structure, section_guard, section_of
+from normsurgeon.io.formats import CUSTOM_PREFIX, norm_width, rebuild_structure, section_guard, section_of
 from normsurgeon.io.resolve import resolve
 
 
@@ -242,7 +242,7 @@ def _swap_norms(model: torch.nn.Module, section: dict) -> None:
     offsets = section.get("gain_offset") or {}
     for name, eps in section.get("rmsnorm", {}).items():
         old = model.get_submodule(name)
-        new = RMSNorm(old.normalized_shape[0], eps, weight=getattr(old, "weight", None),
+        new = RMSNorm(norm_width(old), eps, weight=getattr(old, "weight", None),
                       bias=getattr(old, "bias", None), gain_offset=offsets.get(name, 0.0))
         set_module(model, name, new)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from normsurgeon.module_tree import set_module
+from normsurgeon.io.formats import norm_width
 from normsurgeon.modules import CentredLayerNorm, CRMSNorm, RMSNorm
 from normsurgeon.transforms.plan import RmsPlan
 from normsurgeon.transforms.primitives import (bake_norm_into_table, center_tensors, center_writer,
@@ -58,7 +59,7 @@ def bake_embedding_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
         set_module(model, norm_name, torch.nn.Identity())
     for norm_name in plan.recentre:
         old = modules[norm_name]
-        set_module(model, norm_name, CentredLayerNorm(old.normalized_shape[0], old.eps, getattr(old, "weight", None),
+        set_module(model, norm_name, CentredLayerNorm(norm_width(old), old.eps, getattr(old, "weight", None),
                                                       getattr(old, "bias", None)))
 
 
