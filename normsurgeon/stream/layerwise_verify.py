@@ -24,7 +24,6 @@ Memory: about one block in the compute dtype plus the activations of all blocks.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from normsurgeon.errors import UnsupportedModel
 from normsurgeon.io.checkpoint import read_config
 from normsurgeon.io.formats import rebuild_structure, section_guard, section_of
-from normsurgeon.stream.headers import CheckpointIndex, ShardReader, read_checkpoint_index
+from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, read_tensor
 from normsurgeon.stream.malloc_tuning import tune_malloc
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
 from normsurgeon.verify.inputs import default_batches
@@ -71,17 +70,9 @@ def _rebuilt_skeleton(cfg: dict, section: dict, index: CheckpointIndex) -> torch
 
 
 class LazyWeights:
-    """Load each unit's parameters just before it runs and drop them right after.
+    """Load each unit's parameters just before it runs and drop them right after."""
 
-    Once a unit is read, the kernel is asked to start reading the next one into the page cache
-    (``POSIX_FADV_WILLNEED``), so that read overlaps this unit's compute with no thread and no memory
-    of this process (``order``: the units in the order they are expected to run, e.g. ``order`` of an
-    earlier pass over the same architecture; then in module order; a wrong guess only wastes that
-    read-ahead). A reader thread did the same with twice the system time on 2 cores.
-    """
-
-    def __init__(self, model: torch.nn.Module, index: CheckpointIndex, dtype: torch.dtype,
-                 order: list[str] | None = None):
+    def __init__(self, model: torch.nn.Module, index: CheckpointIndex, dtype: torch.dtype):
         self.model, self.index, self.dtype = model, index, dtype
         renames = checkpoint_renames(model, list(index.tensors))
         by_runtime = {rt: ck for ck, rt in renames.items()}
@@ -103,31 +94,10 @@ class LazyWeights:
                 self.units.setdefault(unit, []).append((owner, attr, ckpt))
         self.hooks: list = []
         self.loaded_bytes = 0
-        self.order: list[str] = []  # the units in the order they were loaded
-        known = [u for u in dict.fromkeys(order or []) if u in self.units]
-        seq = known + [u for u in self.units if u not in known]
-        self._next = dict(zip(seq, seq[1:]))
-        self._reader: ShardReader | None = None
-        self._fds: dict[Path, int] = {}  # for the read-ahead advice, while attached
-
-    def _advise(self, unit: str | None) -> None:
-        """Start the kernel reading ``unit``'s bytes (Linux; elsewhere nothing)."""
-        if unit is None or self._reader is None or not hasattr(os, "posix_fadvise"):
-            return
-        for _, _, ckpt in self.units[unit]:
-            e = self.index.tensors[ckpt]
-            with contextlib.suppress(OSError):
-                if e.file not in self._fds:
-                    self._fds[e.file] = os.open(e.file, os.O_RDONLY)
-                os.posix_fadvise(self._fds[e.file], e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
 
     def load(self, unit: str) -> None:
-        self.order.append(unit)
-        with contextlib.ExitStack() as stack:
-            reader = self._reader or stack.enter_context(ShardReader())
-            tensors = [reader.read(self.index.tensors[ckpt]) for _, _, ckpt in self.units[unit]]
-        self._advise(self._next.get(unit))
-        for (owner, attr, _), t in zip(self.units[unit], tensors):
+        for owner, attr, ckpt in self.units[unit]:
+            t = read_tensor(self.index.tensors[ckpt])
             owner._parameters[attr] = torch.nn.Parameter(t.to(self.dtype), requires_grad=False)
             self.loaded_bytes += t.numel() * t.element_size()
 
@@ -159,18 +129,12 @@ class LazyWeights:
 
             self.hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             self.hooks.append(mod.register_forward_hook(post, with_kwargs=True))
-        self._reader = ShardReader()
         try:
             yield self
         finally:
             for h in self.hooks:
                 h.remove()
             self.hooks = []
-            self._reader.close()
-            self._reader = None
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
 
 
 def folder_name(index: CheckpointIndex) -> str:
@@ -256,7 +220,7 @@ def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4,
     try:
         with lazy_src.attached(keep), torch.no_grad():
             s_out = _output_tensor(src(**batch, **extra)).detach()
-        lazy_conv = LazyWeights(conv, conv_index, compute, order=lazy_src.order)
+        lazy_conv = LazyWeights(conv, conv_index, compute)
         per_layer = []
 
         def compare(name, m, args, kwargs, output):
