@@ -3,7 +3,7 @@
 Run:  python benchmarks/bench_convert.py [--threads 2] [--out benchmarks/results/convert.json]
 
 Measures (CPU):
-- conversion wall time and peak resident memory of ``normsurgeon.convert`` (own subprocess, so the
+- conversion wall time and peak resident memory of ``normsurgeon.conversion.convert`` (own subprocess, so the
   peak is the conversion's alone), with and without the built-in verification;
 - forward latency of the source and of the converted model (median of repeats, batch 1x128 and 4x256);
 - the RMSNorm kernels on a 4096x768 float32 tensor: ``F.layer_norm``, ``F.rms_norm``, and a plain
@@ -54,7 +54,7 @@ def make_source(folder: Path) -> None:
 
 
 def _convert_child(src: str, out: str, verify: bool) -> None:
-    from normsurgeon.convert import convert
+    from normsurgeon.conversion import convert
 
     t0 = time.perf_counter()
     report = convert(src, out, to="rmsnorm", run_verify=verify, overwrite=True)

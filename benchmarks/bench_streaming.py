@@ -38,15 +38,15 @@ res = {"status": r["status"], "timing_s": r["timing_s"], "bytes_read": r["layerw
        "worst_block": r["worst_residual_point"]}
 """,
     "in-memory": """
-from normsurgeon.convert import convert
+from normsurgeon.conversion import convert
 r = convert(SRC, OUT, run_verify=False, max_shard_size="2GB", dtype=DTYPE)
 res = {"timing_s": r["timing_s"]}
 """,
     "error": """
 import torch
 from normsurgeon.io.loader import load_model
-from normsurgeon.verify.inputs import random_token_batches
-from normsurgeon.verify.metrics import output_metrics
+from normsurgeon.verification.inputs import random_token_batches
+from normsurgeon.verification.metrics import output_metrics
 src, conv = load_model(SRC), load_model(OUT)
 dt = getattr(torch, DTYPE) if DTYPE else conv.dtype  # --dtype float64: evaluate the stored weights exactly
 src.model.to(dt); conv.model.to(dt)

@@ -28,7 +28,7 @@ _VERIFY = """
 import json, resource, sys, time, torch
 from pathlib import Path
 torch.set_num_threads(2)
-from normsurgeon.convert import load_conversion_recipe
+from normsurgeon.conversion import load_conversion_recipe
 from normsurgeon.stream.malloc_tuning import TUNE_FROM_BYTES, tune_malloc
 from normsurgeon.stream.pipeline import _verify
 from normsurgeon.stream.plan import plan_streaming

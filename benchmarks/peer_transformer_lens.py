@@ -50,8 +50,8 @@ def main() -> None:
         print(json.dumps({"tool": "transformer_lens", "dtype": a.dtype, **timing, "peak_rss_bytes": peak}))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from normsurgeon.verify.inputs import random_token_batches
-    from normsurgeon.verify.metrics import output_metrics
+    from normsurgeon.verification.inputs import random_token_batches
+    from normsurgeon.verification.metrics import output_metrics
 
     ids = random_token_batches(hf.config.vocab_size, 4, 64, 0)[0]["input_ids"]
     ref_model = T.GPT2LMHeadModel.from_pretrained(str(a.folder), dtype=dtype).eval()

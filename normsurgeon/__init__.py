@@ -17,10 +17,10 @@ __all__ = ["__version__", "convert", "verify", "inspect_model", "load"]
 
 def __getattr__(name: str):  # lazy: importing normsurgeon must not import transformers
     if name == "convert":
-        from normsurgeon.convert import convert
+        from normsurgeon.conversion import convert
         return convert
     if name == "verify":
-        from normsurgeon.verify.api import verify
+        from normsurgeon.verification.api import verify
         return verify
     if name == "inspect_model":
         from normsurgeon.inspect import inspect_model

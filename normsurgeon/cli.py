@@ -102,7 +102,7 @@ def verification_exit(report: dict) -> int:
     """0 for a passed verification; else one ``error:`` line naming what failed and where, and exit 3."""
     if report["status"] == "pass":
         return 0
-    from normsurgeon.verify.report import failure_line
+    from normsurgeon.verification.report import failure_line
 
     say_error(f"verification failed: {failure_line(report)}")
     return 3
@@ -220,8 +220,8 @@ def convert(
         return convert_in_memory()
 
     def convert_in_memory() -> int:
-        from normsurgeon.convert import convert as do_convert
-        from normsurgeon.verify.report import print_report
+        from normsurgeon.conversion import convert as do_convert
+        from normsurgeon.verification.report import print_report
 
         report = do_convert(model, out, to=to, recipe=recipe, dtype=dtype, bias_policy=bias_policy,
                             overwrite=overwrite, run_verify=not no_verify, text_file=text,
@@ -271,8 +271,8 @@ def verify(
                                              json_out=json_out, console=out_console))
 
     def go() -> int:
-        from normsurgeon.verify.api import verify as do_verify
-        from normsurgeon.verify.report import print_report
+        from normsurgeon.verification.api import verify as do_verify
+        from normsurgeon.verification.report import print_report
 
         report = do_verify(source, converted, stock=stock, num=num, seq_len=seq_len, seed=seed, text_file=text,
                            image_dir=images, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

@@ -49,7 +49,7 @@ def print_plan(d: dict, console) -> None:
 
 def run_plan(model: str, to: str, bias_policy: Optional[str], dtype: str, max_memory: Optional[str],
              json_out: bool, console) -> int:
-    from normsurgeon.convert import parse_dtype
+    from normsurgeon.conversion import parse_dtype
     from normsurgeon.io.writer import parse_size
     from normsurgeon.recipes import recipe_for_target
     from normsurgeon.stream.plan import check_budget, plan_streaming, validate_options
@@ -88,13 +88,13 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
                           streamed_for_memory: bool = False) -> int:
     if dry_run:
         if recipe is not None:  # the plan of what the recipe would do (stream_convert checks it fully)
-            from normsurgeon.convert import load_conversion_recipe
+            from normsurgeon.conversion import load_conversion_recipe
 
             rec = load_conversion_recipe(recipe, to)
             to, bias_policy = rec.target, bias_policy or rec.bias_policy
         return run_plan(model, to, bias_policy, dtype, max_memory, json_out, console)
     from normsurgeon.stream import stream_convert
-    from normsurgeon.verify.report import print_report
+    from normsurgeon.verification.report import print_report
 
     report = stream_convert(Path(model), out, to=to, recipe=recipe, bias_policy=bias_policy, dtype=dtype,
                             max_shard_size=max_shard_size, max_memory=max_memory, resume=resume,
@@ -115,7 +115,7 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
 def run_layerwise_verify(source: str, converted: str, *, num: int, seq_len: int, seed: int, text: Optional[Path],
                          json_out: bool, console) -> int:
     from normsurgeon.stream import verify_layerwise
-    from normsurgeon.verify.report import print_report
+    from normsurgeon.verification.report import print_report
 
     report = verify_layerwise(Path(source), Path(converted), num=num, seq_len=seq_len, seed=seed, text_file=text)
     if json_out:

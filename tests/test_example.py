@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from normsurgeon.convert import convert
-from normsurgeon.verify.api import verify
+from normsurgeon.conversion import convert
+from normsurgeon.verification.api import verify
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-gpt2"
 

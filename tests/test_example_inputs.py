@@ -14,8 +14,8 @@ import transformers as T
 from normsurgeon.errors import InputError, NormSurgeonError
 from normsurgeon.graph.normmap import build_norm_map
 from normsurgeon.io.example_inputs import example_inputs, max_seq_len, random_batches
-from normsurgeon.verify.inputs import default_batches
-from normsurgeon.verify.runner import compare_models
+from normsurgeon.verification.inputs import default_batches
+from normsurgeon.verification.runner import compare_models
 
 D, L, H, F, V, P = 32, 2, 4, 64, 96, 32  # width, layers, heads, ffn, vocab, positions
 ENC_DEC = dict(vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=L, encoder_attention_heads=H,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model_zoo import FAMILIES, build, model_inputs
-from normsurgeon.convert import convert
+from normsurgeon.conversion import convert
 from normsurgeon.graph.normmap import build_norm_map
 from normsurgeon.transforms.apply import apply_rms_plan
 from normsurgeon.transforms.plan import plan_rms_conversion

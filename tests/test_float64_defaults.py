@@ -12,7 +12,7 @@ from model_zoo import randomise
 from normsurgeon.errors import UnsupportedModel
 from normsurgeon.graph.normmap import build_norm_map
 from normsurgeon.transforms.plan import plan_rms_conversion
-from normsurgeon.verify.runner import compare_models
+from normsurgeon.verification.runner import compare_models
 
 
 def xglm():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shutil
 
-from normsurgeon.convert import convert
+from normsurgeon.conversion import convert
 from normsurgeon.io.resolve import resolve
 
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from model_zoo import build, model_inputs
-from normsurgeon.convert import convert
+from normsurgeon.conversion import convert
 from normsurgeon.io.loader import load_model
 from normsurgeon.modules import CRMSNorm, RMSNorm
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from model_zoo import build
-from normsurgeon.convert import convert
+from normsurgeon.conversion import convert
 from normsurgeon.errors import InputError, ResourceError, UsageError
 from normsurgeon.stream import plan_streaming, stream_convert, verify_layerwise
 from normsurgeon.stream.execute import partial_folder

@@ -100,7 +100,7 @@ def test_explicit_stream_of_a_model_that_fits_verifies_whole(src, tmp_path, monk
 
 def test_layerwise_local_error_is_residual_errors_rel_l2():
     from normsurgeon.stream.layerwise_verify import _rel_l2
-    from normsurgeon.verify.metrics import residual_error
+    from normsurgeon.verification.metrics import residual_error
 
     g = torch.Generator().manual_seed(0)
     src = torch.randn(3, 5, 16, generator=g)

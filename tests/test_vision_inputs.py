@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from normsurgeon.convert import convert
-from normsurgeon.verify.api import verify
+from normsurgeon.conversion import convert
+from normsurgeon.verification.api import verify
 
 
 def test_vit_verify_on_image_folder(saved_family, tmp_path):

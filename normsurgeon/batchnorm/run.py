@@ -91,7 +91,7 @@ def _fold_bn(ref: str, out: Path, dest, input_shape: tuple[int, ...] | None, ima
              batch_size: int, seed: int, export: bool, allow_pickle: bool, trust_remote_code: bool) -> dict:
     from normsurgeon.io.loader import load_model
     from normsurgeon.io.writer import copy_tagalong_files, write_safetensors
-    from normsurgeon.verify.report import SCHEMA, write_report
+    from normsurgeon.verification.report import SCHEMA, write_report
 
     dry_run = dest is None
     loaded = load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

@@ -42,7 +42,7 @@ from normsurgeon.train.data import check_fits, heldout_windows, load_token_data,
 from normsurgeon.train.evaluate import heldout_loss
 from normsurgeon.train.loop import TrainHooks, is_main_process, make_accelerator, train
 from normsurgeon.train.options import TrainingRunOptions
-from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, output_metrics
+from normsurgeon.verification.metrics import THRESHOLDS, dtype_name, output_metrics
 
 TARGETS = ("fixed", "dyt")
 

@@ -283,7 +283,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 @torch.no_grad()
 def fold_check(ref: torch.nn.Module, folded: torch.nn.Module, inputs, logits_fn, dtype: str) -> dict:
     """Max |logit difference|, relative to max |logit|, plus log-prob metrics, on ``inputs``."""
-    from normsurgeon.verify.metrics import output_metrics
+    from normsurgeon.verification.metrics import output_metrics
 
     a = logits_fn(ref.eval(), inputs).double()
     b = logits_fn(folded.eval(), inputs).double()

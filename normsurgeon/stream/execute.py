@@ -8,7 +8,7 @@ finished groups, so ``resume=True`` redoes only the rest. The folder is renamed 
 a killed run leaves nothing at the destination.
 
 The math is ``transforms.primitives`` on float64 tensors in the in-memory order, so every tensor is
-bit-identical to ``normsurgeon.convert`` (tests/test_stream.py checks ``torch.equal`` per tensor).
+bit-identical to ``normsurgeon.conversion.convert`` (tests/test_stream.py checks ``torch.equal`` per tensor).
 
 The entry point is ``pipeline.stream_convert``.
 """

@@ -14,7 +14,7 @@ Memory: about one block in the compute dtype plus the activations of all blocks.
 
 >>> import tempfile, pathlib
 >>> from normsurgeon.testing import tiny_gpt2
->>> from normsurgeon.convert import convert
+>>> from normsurgeon.conversion import convert
 >>> d = pathlib.Path(tempfile.mkdtemp()); tiny_gpt2().save_pretrained(d / "src")
 >>> _ = convert(str(d / "src"), d / "out", run_verify=False)
 >>> r = verify_layerwise(d / "src", d / "out")
@@ -36,9 +36,9 @@ from normsurgeon.io.formats import rebuild_structure, section_guard, section_of
 from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, read_tensor
 from normsurgeon.stream.malloc_tuning import tune_malloc
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
-from normsurgeon.verify.inputs import default_batches
-from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, judge, output_metrics, residual_error
-from normsurgeon.verify.report import SCHEMA, status_of
+from normsurgeon.verification.inputs import default_batches
+from normsurgeon.verification.metrics import THRESHOLDS, dtype_name, judge, output_metrics, residual_error
+from normsurgeon.verification.report import SCHEMA, status_of
 
 
 def _skeleton(folder: Path) -> tuple[torch.nn.Module, dict, CheckpointIndex]:
@@ -190,7 +190,7 @@ def _rel_l2(src: torch.Tensor, conv: torch.Tensor) -> float:
 
 
 def _output_tensor(out: Any) -> torch.Tensor:
-    from normsurgeon.verify.runner import _output_tensor as get
+    from normsurgeon.verification.runner import _output_tensor as get
 
     return get(out)
 

@@ -52,7 +52,7 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     cache; ``stream/direct_writer.py``), else through the page cache; None: on unless the environment
     sets ``NORMSURGEON_DIRECT_IO=0``.
     """
-    from normsurgeon.convert import load_conversion_recipe
+    from normsurgeon.conversion import load_conversion_recipe
 
     t0 = time.perf_counter()
     source, out = Path(source), Path(out)
@@ -84,8 +84,8 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
                     max_bytes: int, resume: bool, verify: str, status: Callable[[str], None],
                     on_group_done: Callable[[str], None] | None, direct_io: bool, t0: float, *,
                     streamed_for_memory: bool = False) -> dict:
-    from normsurgeon.convert import _config_json, _versions, parse_dtype
-    from normsurgeon.verify.report import failure_line, write_report
+    from normsurgeon.conversion import _config_json, _versions, parse_dtype
+    from normsurgeon.verification.report import failure_line, write_report
 
     out, to = dest.path, rec.target
     if sum(f.stat().st_size for f in source.glob("*.safetensors")) >= TUNE_FROM_BYTES:
@@ -173,7 +173,7 @@ def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec) -> dict:
         return verify_layerwise(source, tmp, num=rec.verify.num_sequences, seq_len=rec.verify.seq_len,
                                 seed=rec.verify.seed)
     from normsurgeon.io.loader import load_model
-    from normsurgeon.verify.api import verify_loaded
+    from normsurgeon.verification.api import verify_loaded
 
     report = verify_loaded(load_model(str(source)), load_model(str(tmp)), num=rec.verify.num_sequences,
                            seq_len=rec.verify.seq_len, seed=rec.verify.seed)

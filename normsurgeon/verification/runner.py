@@ -19,7 +19,7 @@ import torch
 from normsurgeon.dtype_context import default_dtype_for
 from normsurgeon.errors import InputError
 from normsurgeon.io.example_inputs import accepts
-from normsurgeon.verify.metrics import output_metrics, residual_error
+from normsurgeon.verification.metrics import output_metrics, residual_error
 
 
 def _output_tensor(out: Any) -> torch.Tensor:

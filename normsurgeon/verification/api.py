@@ -1,7 +1,7 @@
 """``verify(source, converted)``: load both, run them on the same inputs, judge per dtype.
 
 >>> import tempfile, pathlib
->>> from normsurgeon.convert import convert
+>>> from normsurgeon.conversion import convert
 >>> out = pathlib.Path(tempfile.mkdtemp()) / "rms"
 >>> _ = convert("normsurgeon.testing:tiny_gpt2", out, to="rmsnorm", run_verify=False)
 >>> verify("normsurgeon.testing:tiny_gpt2", str(out))["status"]
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from normsurgeon.io.loader import LoadedModel, load_model
-from normsurgeon.verify.inputs import default_batches
-from normsurgeon.verify.metrics import THRESHOLDS, dtype_name, judge
-from normsurgeon.verify.report import SCHEMA, status_of
-from normsurgeon.verify.runner import compare_models, logprob_gap
+from normsurgeon.verification.inputs import default_batches
+from normsurgeon.verification.metrics import THRESHOLDS, dtype_name, judge
+from normsurgeon.verification.report import SCHEMA, status_of
+from normsurgeon.verification.runner import compare_models, logprob_gap
 
 
 def compute_dtype_for(stored: torch.dtype) -> torch.dtype:

@@ -27,9 +27,9 @@ from normsurgeon.io.writer import copy_tagalong_files, parse_size, write_safeten
 from normsurgeon.recipes import Recipe, load_recipe, recipe_for_target
 from normsurgeon.transforms.apply import apply_rms_plan
 from normsurgeon.transforms.plan import RmsPlan, plan_rms_conversion
-from normsurgeon.verify.api import verify_loaded
-from normsurgeon.verify.metrics import dtype_name
-from normsurgeon.verify.report import failure_line, write_report
+from normsurgeon.verification.api import verify_loaded
+from normsurgeon.verification.metrics import dtype_name
+from normsurgeon.verification.report import failure_line, write_report
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
