@@ -20,7 +20,7 @@ import torch
 from normsurgeon.diagnose.compute import diagnose_model
 from normsurgeon.diagnose.report import to_html, to_markdown
 from normsurgeon.diagnose.spikes import log_spikes
-from normsurgeon.errors import InputError, UsageError
+from normsurgeon.errors import UsageError
 
 
 def load_any(ref: str, allow_pickle: bool = False, trust_remote_code: bool = False):
@@ -33,16 +33,10 @@ def load_any(ref: str, allow_pickle: bool = False, trust_remote_code: bool = Fal
     return load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
-# Config keys that bound the sequence length where ``max_seq_len`` (io/example_inputs.py) does not look:
-# MPT / DBRX ``max_seq_len`` (the ALiBi bias is built that long), CodeGen ``n_ctx``.
-EXTRA_LENGTH_KEYS = ("max_seq_len", "n_ctx", "max_sequence_length")
-
-
 def max_positions(model: torch.nn.Module) -> int | None:
-    """The longest token window the model takes (``None``: no limit found).
-
-    ``max_seq_len`` (position tables with their offsets: OPT's 2, RoBERTa's ``padding_idx + 1``, and the
-    config's position keys), tightened by the length keys it does not read.
+    """The longest token window the model takes (``None``: no limit found): ``max_seq_len`` of
+    io/example_inputs.py (position tables with their offsets and the config's length keys, MPT's
+    ``max_seq_len`` included), or None for a module that is not a Hugging Face model.
 
     >>> import transformers as T
     >>> max_positions(T.MptForCausalLM(T.MptConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=24, vocab_size=32)))
@@ -50,22 +44,18 @@ def max_positions(model: torch.nn.Module) -> int | None:
     """
     from normsurgeon.io.example_inputs import max_seq_len
 
-    cfg = getattr(model, "config", None)
-    if cfg is None:
+    if getattr(model, "config", None) is None:
         return None
     try:
-        tables = max_seq_len(model)
+        return max_seq_len(model)
     except AttributeError:  # not a Hugging Face model (no main_input_name)
-        tables = None
-    limits = [v for v in [tables] + [getattr(cfg, k, None) for k in EXTRA_LENGTH_KEYS]
-              if isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    return min(limits) if limits else None
+        return None
 
 
 def token_windows(data: str, model: torch.nn.Module, folder: Path | None, num: int, seq_len: int, seed: int,
                   tokenizer: str | None = None, text_field: str = "text") -> tuple[torch.Tensor, dict]:
     """``num`` fixed windows [num, seq_len] from the held-out split of ``data`` (train split if too short)."""
-    from normsurgeon.train.data import heldout_windows, load_token_data, tokenizer_for
+    from normsurgeon.train.data import check_vocabulary, heldout_windows, load_token_data, tokenizer_for
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     tok = tokenizer_for(folder, vocab, tokenizer)
@@ -73,10 +63,7 @@ def token_windows(data: str, model: torch.nn.Module, folder: Path | None, num: i
     tokens, split = (td.heldout, "heldout") if td.heldout.numel() >= seq_len else (td.train, "train")
     if tokens.numel() < seq_len:
         raise UsageError(f"the data has {tokens.numel()} tokens, fewer than one window of {seq_len}; use --seq-len")
-    top = int(tokens.max())
-    if vocab is not None and top >= vocab:
-        raise InputError(f"the data has token id {top}, outside the model's vocabulary of {vocab} "
-                         f"(tokenizer {tok.name}); pass the model's --tokenizer")
+    check_vocabulary([tokens], vocab, tok)
     return heldout_windows(tokens, num, seq_len, seed), {**td.description, "windows_from": split}
 
 

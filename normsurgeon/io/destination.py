@@ -271,11 +271,6 @@ class Destination:
         tmp.mkdir()
         try:
             yield tmp
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise_if_out_of_space(e, self.path)
-            raise
-        try:
             replace_folder(tmp, self.path)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -199,7 +199,12 @@ def check_lengths(data: TokenData, block_size: int) -> None:
 def check_fits(data: TokenData, block_size: int, vocab_size: int | None, tok: Tokenizer) -> None:
     """Both splits hold a window (``check_lengths``) and every token id is inside the model's vocabulary."""
     check_lengths(data, block_size)
-    top = int(max(data.train.max(), data.heldout.max()))
+    check_vocabulary([data.train, data.heldout], vocab_size, tok)
+
+
+def check_vocabulary(parts: list[torch.Tensor], vocab_size: int | None, tok: Tokenizer) -> None:
+    """Every token id of ``parts`` is inside the model's vocabulary (else an InputError naming the fix)."""
+    top = max(int(t.max()) for t in parts)
     if vocab_size is not None and top >= vocab_size:
         raise InputError(f"the data has token id {top}, outside the model's vocabulary of {vocab_size} "
                          f"(tokenizer {tok.name}); pass the model's --tokenizer")
