@@ -10,7 +10,7 @@ The public surface is small; every CLI command is one of these functions::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from normsurgeon.version import __version__
 
 __all__ = ["__version__", "convert", "verify", "inspect_model", "load"]
 

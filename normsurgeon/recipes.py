@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from normsurgeon.errors import UsageError
+# the reader shared by every recipe kind; re-exported, as this module's names
+from normsurgeon.io.recipe_files import BUILTIN_DIR, builtin_recipes, read_recipe_file, validate_recipe
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "recipes"
+__all__ = ["BUILTIN_DIR", "Recipe", "VerifySettings", "builtin_recipes", "load_recipe", "read_recipe_file",
+           "recipe_for_target", "validate_recipe"]
 
 
 class VerifySettings(BaseModel):
@@ -47,40 +48,6 @@ class Recipe(BaseModel):
         if unknown:
             raise ValueError(f"unknown step(s) {unknown}; known: {sorted(STEPS)}")
         return steps
-
-
-def builtin_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
-
-
-def read_recipe_file(name_or_path: str | Path) -> tuple[Path, object]:
-    """Find a recipe (a file path, or a built-in name) and parse its YAML; problems raise UsageError."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        builtin = builtin_recipes().get(str(name_or_path))
-        if builtin is None:
-            raise UsageError(f"no recipe {name_or_path!r} (built-in: {', '.join(builtin_recipes())})")
-        path = builtin
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"recipe {path} is not a text file (not UTF-8): a recipe is YAML") from None
-    except OSError as e:
-        raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from None
-    try:
-        return path, yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UsageError(f"recipe {path} is not valid YAML: {e}".splitlines()[0]) from None
-
-
-def validate_recipe(model_cls: type[BaseModel], data: object, path: Path):
-    """``model_cls.model_validate(data)`` with the first problem as a one-line UsageError."""
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"recipe {path.name}: {where}: {first['msg']}") from None
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:

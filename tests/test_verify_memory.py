@@ -78,7 +78,7 @@ def _convert(*args):
 
 
 def test_convert_that_streams_because_the_model_does_not_fit_verifies_layerwise(src, tmp_path, monkeypatch):
-    # cli_streaming.should_stream and the verification choice both read pipeline._available_memory
+    # cli.streaming.should_stream and the verification choice both read pipeline._available_memory
     monkeypatch.setattr(pipeline, "_available_memory", lambda: 1024)
     code, out = _convert(src, "-o", tmp_path / "out")
     assert code == 0, out

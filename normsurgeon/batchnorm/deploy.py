@@ -85,3 +85,23 @@ def load_deploy(path: str | Path) -> torch.nn.Module:
         raise InputError(f"{path}/deploy does not match its recorded structure "
                          f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
     return model.eval()
+
+
+def load_form(req):
+    """The ``fold-bn`` output form (``normsurgeon.io.forms``, entry point ``fold-bn``): the deploy form (BN
+    modules gone) unless ``req.stock``; factory outputs either way."""
+    from safetensors.torch import load_file
+
+    from normsurgeon.io.loader import LoadedModel, load_factory, load_stock_folder
+
+    path, section = req.path, req.section
+    if req.stock and section.get("factory"):
+        model = load_factory(section["factory"]).model
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+    elif req.stock:
+        model = load_stock_folder(path)
+    else:
+        model = load_deploy(path)
+    model.eval()
+    cfg = json.loads((path / "config.json").read_text())
+    return LoadedModel(model, req.ref, "folder", path, cfg, next(model.parameters()).dtype, section)

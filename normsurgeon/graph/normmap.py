@@ -5,6 +5,7 @@ Built from the recorded dataflow (``trace.py``), never from module names. The ce
 parameters read directly) whose sum it is, following only ops that keep a tensor a linear
 combination of its inputs along the feature axis (add, scalar mul, views, dropout in eval, concat on
 a token axis). A residual stream is a chain of such sums; its atoms are the stream's *writers*.
+(What writes the stream and who reads it raw: ``residual.py``.)
 
 Roles of token norms (LayerNorm / RMSNorm families):
 - ``pre``       reads the stream; its output reaches a block that writes back into the stream.
@@ -30,10 +31,10 @@ import torch
 
 from normsurgeon.graph.layouts import has_bias, in_features, layout_of, out_features
 from normsurgeon.graph.norm_kinds import NormKind, classify_norm
-from normsurgeon.graph.decompose import (ADD_OPS, TOKEN_REDUCTIONS, TRANSPARENT, decompose, feature_axis_kept,
-                                         param_product)
+from normsurgeon.graph.decompose import TOKEN_REDUCTIONS, TRANSPARENT, decompose, feature_axis_kept, param_product
 from normsurgeon.graph.layer_scale import scaled_writer
 from normsurgeon.graph.placement import BlockInfo, block_of, block_placements, find_blocks
+from normsurgeon.graph.residual import find_stream_atoms, find_stream_problems, lookups_only, opaque_terms
 from normsurgeon.graph.trace import DataflowGraph, Node, trace_dataflow
 from normsurgeon.io.example_inputs import example_inputs as build_example_inputs
 
@@ -217,7 +218,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
     token_norms = {name for name, k in kinds.items() if k.is_token_norm}
     terms = decompose(graph, token_norms)
 
-    stream_atoms = _stream_atoms(graph, terms, token_norms)
+    stream_atoms = find_stream_atoms(graph, terms, token_norms)
 
     def is_stream(idx: int) -> bool:
         t = terms[idx]
@@ -263,7 +264,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                 if out_in_stream:
                     # a norm over a sum of lookups only (mBART: tokens + positions), whose terms reach the
                     # stream only through it, is the stream's embedding norm, not a Post-LN
-                    role = "embedding" if _lookups_only(graph, terms, in_idx, node.idx) else "post"
+                    role = "embedding" if lookups_only(graph, terms, in_idx, node.idx) else "post"
                 else:
                     reach = _reachable(graph, node.idx)
                     role = "pre" if reach & stream_atoms else "final"
@@ -307,7 +308,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                 writers.append(Writer(name, layout_of(mod) or "other", out_features(mod), has_bias(mod),
                                       writer_scale.get(name)))
 
-    stream_problems = _stream_problems(graph, terms, stream_atoms, is_stream, kinds)
+    stream_problems = find_stream_problems(graph, terms, stream_atoms, is_stream, kinds)
     hidden = _hidden_size(norms)
     block_infos = block_placements(blocks, norms, writers)
     placements = {b.placement for b in block_infos if b.placement != "none"} or {"none"}
@@ -316,103 +317,7 @@ def analyse(model: torch.nn.Module, graph: DataflowGraph) -> NormMap:
                         and n.target in ("layer_norm", "rms_norm", "group_norm", "batch_norm")})
     tables = [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)]
     return NormMap(type(model).__name__, hidden, norms, writers, block_infos, placement, stream_problems,
-                   other_ops, tables, _opaque_terms(graph, terms, token_norms))
-
-
-def _opaque_terms(graph: DataflowGraph, terms: list, token_norms: set[str]) -> list[str]:
-    """What makes a normalized sum undecomposable: its non-linear or computed terms, described once each."""
-    found: list[str] = []
-    for n in graph.nodes:
-        if not (n.kind == "module" and n.target in token_norms and n.inputs):
-            continue
-        i = n.inputs[0]
-        while terms[i] is None and graph.nodes[i].kind == "op" and graph.nodes[i].target in TRANSPARENT \
-                and graph.nodes[i].inputs:
-            i = graph.nodes[i].inputs[0]
-        node = graph.nodes[i]
-        if terms[i] is None and node.kind == "op" and node.target in ADD_OPS:
-            for j in node.inputs:
-                if terms[j] is None:
-                    what = _describe(graph, j)
-                    if what not in found:
-                        found.append(what)
-    return found
-
-
-def _describe(graph: DataflowGraph, i: int) -> str:
-    """The op behind node ``i`` (past views and casts), with the parameters or buffers it reads."""
-    src = graph.nodes[i]
-    while src.kind == "op" and src.target in TRANSPARENT and src.inputs:
-        src = graph.nodes[src.inputs[0]]
-    reads = [graph.nodes[j].target for j in src.inputs if graph.nodes[j].kind == "param"]
-    text = f"`{src.target}`" + (f" of `{reads[0]}`" if reads else "")
-    return text + (f" in `{src.scope}`" if src.scope else "")
-
-
-def _stream_atoms(graph: DataflowGraph, terms: list, token_norms: set[str]) -> set[int]:
-    """The atoms that write into a residual stream: those of every sum that a token norm reads, and of
-    every sum that extends one of those (a stream goes on past its last norm). A sum nothing normalizes
-    and that shares no atom with a stream is not a stream: a head's output plus a bias (ESM's
-    ``decoder(x) + bias``, BART's ``final_logits_bias``) stays out of it."""
-    atoms: set[int] = set()
-    for n in graph.nodes:
-        if n.kind == "module" and n.target in token_norms and n.inputs:
-            t = terms[n.inputs[0]]
-            if t is not None and len(t) >= 2:
-                atoms |= t
-    sums = [t for t in terms if t is not None and len(t) >= 2]
-    grew = True
-    while grew:
-        grew = False
-        for t in sums:
-            if t & atoms and not t <= atoms:
-                atoms |= t
-                grew = True
-    return atoms
-
-
-def _stream_problems(graph, terms, stream_atoms, is_stream, kinds) -> list[str]:
-    """Places where the raw residual stream is read by something other than a norm or a further sum."""
-    problems = []
-    for n in graph.nodes:
-        if not is_stream(n.idx):
-            continue
-        for u in graph.users.get(n.idx, []):
-            user = graph.nodes[u]
-            if user.kind == "op" and is_stream(u):  # a further sum or view of the stream
-                continue
-            if user.kind == "module" and user.target in kinds and kinds[user.target].is_token_norm:
-                continue
-            if user.kind == "module" and isinstance(graph.modules[user.target], torch.nn.Dropout):
-                continue
-            if _shape_only(graph, u):
-                continue
-            where = user.target or user.kind
-            src = graph.nodes[n.idx].target or f"node {n.idx}"
-            problems.append(f"the residual stream (after `{src}`) is read by `{where}` without a norm")
-        if n.idx in graph.outputs and len(terms[n.idx]) > 1:
-            problems.append("the raw residual stream is a model output (no final norm)")
-    return sorted(set(problems))
-
-
-def _lookups_only(graph: DataflowGraph, terms: list, in_idx: int, norm_idx: int) -> bool:
-    """The norm's input is a sum of embedding lookups and parameters, none of them summed with its output."""
-    atoms = terms[in_idx] or frozenset()
-    lookups = bool(atoms) and all(
-        graph.nodes[a].kind == "param" or
-        layout_of(graph.modules.get(graph.nodes[a].target, torch.nn.Identity())) == "embedding" for a in atoms)
-    if not lookups:
-        return False
-    return not any(t is not None and norm_idx in t and t & atoms for t in terms)
-
-
-def _shape_only(graph: DataflowGraph, idx: int) -> bool:
-    """A read whose values are never used: it only reaches embedding lookups, which cannot take float
-    values as indices (mBART's positions module is handed ``inputs_embeds[..., -1]`` for its shape)."""
-    users = graph.users.get(idx, [])
-    return bool(users) and graph.nodes[idx].is_float and all(
-        graph.nodes[u].kind == "module" and layout_of(graph.modules[graph.nodes[u].target]) == "embedding"
-        for u in users)
+                   other_ops, tables, opaque_terms(graph, terms, token_norms))
 
 
 def _hidden_size(norms: list[NormInfo]) -> int | None:

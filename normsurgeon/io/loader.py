@@ -1,6 +1,9 @@
 """Load a model for surgery or comparison: Hugging Face folders, cached hub ids, factories, and
 normsurgeon's own converted folders.
 
+Outputs whose form a recipe defines (fold-bn's deploy form, prepbn, placement) are loaded by the form
+loader that recipe registers (``normsurgeon.io.forms``); this module imports no recipe.
+
 >>> lm = load_model("normsurgeon.testing:tiny_gpt2")
 >>> lm.kind, type(lm.model).__name__
 ('factory', 'GPT2LMHeadModel')
@@ -18,6 +21,7 @@ from normsurgeon.errors import InputError
 from normsurgeon.io.checkpoint import FolderInfo, check_folder
 from normsurgeon.io.factory import resolve_attribute
 from normsurgeon.io.formats import CUSTOM_PREFIX, norm_width, rebuild_structure, section_guard, section_of
+from normsurgeon.io.forms import FormRequest, form_loader
 from normsurgeon.io.resolve import resolve
 
 
@@ -43,7 +47,7 @@ def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool 
     """
     r = resolve(ref, revision)
     if r.kind == "factory":
-        return _load_factory(r.ref)
+        return load_factory(r.ref)
     section = _peek_section(r.path)
     if section is None:
         return _load_folder(ref, r.path, None, allow_pickle, trust_remote_code, stock)
@@ -53,19 +57,11 @@ def load_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool 
 
 def _load_folder(ref: str, path: Path, section: dict | None, allow_pickle: bool, trust_remote_code: bool,
                  stock: bool) -> LoadedModel:
-    if section is not None and section.get("format") == "fold-bn":
-        return _load_fold_bn(ref, path, section, stock)
-    if section is not None and not stock and section.get("format") == "placement" \
-            and not section.get("stock_loadable", False):
-        from normsurgeon.placement.io import load_placed
-
-        return load_placed(path)
-    if section is not None and not stock and section.get("format") == "prepbn":
-        from normsurgeon.prepbn.export import load_prepbn
-
-        model = load_prepbn(path)
-        cfg = json.loads((path / "config.json").read_text())
-        return LoadedModel(model, ref, "folder", path, cfg, next(model.parameters()).dtype, section)
+    if section is not None:
+        load = form_loader(section.get("format"))  # the recipe's own form (io/forms.py), if it has one
+        loaded = load(FormRequest(ref, path, section, stock, allow_pickle, trust_remote_code)) if load else None
+        if loaded is not None:
+            return loaded
     info = check_folder(path, allow_pickle=allow_pickle)
     if section is not None and not section.get("stock_loadable", False) and not stock:
         model = _load_custom(info, section)
@@ -87,26 +83,8 @@ def _peek_section(path: Path) -> dict | None:
         return None  # check_folder reports a missing or broken config with its own message
 
 
-def _load_fold_bn(ref: str, path: Path, section: dict, stock: bool) -> LoadedModel:
-    """fold-bn outputs: the deploy form (BN modules gone) unless ``stock``; factory outputs either way."""
-    from safetensors.torch import load_file
-
-    from normsurgeon.batchnorm.deploy import load_deploy
-
-    if stock and section.get("factory"):
-        model = _load_factory(section["factory"]).model
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-    elif stock:
-        info = check_folder(path)
-        model = _load_hf(info, trust_remote_code=False, allow_pickle=False)
-    else:
-        model = load_deploy(path)
-    model.eval()
-    cfg = json.loads((path / "config.json").read_text())
-    return LoadedModel(model, ref, "folder", path, cfg, next(model.parameters()).dtype, section)
-
-
-def _load_factory(ref: str) -> LoadedModel:
+def load_factory(ref: str) -> LoadedModel:
+    """Call the factory ``package.module:function`` (or take the module it names) and load it in eval mode."""
     factory = resolve_attribute(ref)
     model = factory() if callable(factory) else factory
     if not isinstance(model, torch.nn.Module):
@@ -114,6 +92,12 @@ def _load_factory(ref: str) -> LoadedModel:
     model.eval()
     cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     return LoadedModel(model, ref, "factory", None, cfg, next(model.parameters()).dtype, None)
+
+
+def load_stock_folder(path: Path) -> torch.nn.Module:
+    """The folder's model with its stock Hugging Face class (safetensors only, no remote code), as a user
+    without normsurgeon would load it."""
+    return _load_hf(check_folder(path), trust_remote_code=False, allow_pickle=False)
 
 
 def transformers_class(config: dict):

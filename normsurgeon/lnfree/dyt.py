@@ -14,29 +14,6 @@ True
 """
 from __future__ import annotations
 
-import torch
+from normsurgeon.modules import DyT  # defined with the other output modules (io/formats.py rebuilds it)
 
-
-class DyT(torch.nn.Module):
-    def __init__(self, size: int, alpha0: float = 0.5, weight: bool = True, bias: bool = True,
-                 weight_attr: str = "weight", bias_attr: str = "bias"):
-        super().__init__()
-        self.size = int(size)
-        self.weight_attr, self.bias_attr = weight_attr, bias_attr
-        self.alpha = torch.nn.Parameter(torch.full((), float(alpha0)))
-        if weight:
-            setattr(self, weight_attr, torch.nn.Parameter(torch.ones(size)))
-        if bias:
-            setattr(self, bias_attr, torch.nn.Parameter(torch.zeros(size)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.tanh(self.alpha * x)  # [..., d]
-        w, b = getattr(self, self.weight_attr, None), getattr(self, self.bias_attr, None)
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
-        return y
-
-    def extra_repr(self) -> str:
-        return f"{self.size}, alpha={float(self.alpha):.4g}"
+__all__ = ["DyT"]

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from normsurgeon.errors import UsageError
+from normsurgeon.io.recipe_files import read_recipe_file, validate_recipe
 from normsurgeon.lnfree.schedule import Schedule
 from normsurgeon.train.config import TrainConfig
 
@@ -41,8 +42,6 @@ class RemoveLnRecipe(BaseModel):
 
 def load_lnfree_recipe(name_or_path: str | Path) -> RemoveLnRecipe:
     """A built-in remove-ln recipe by name (``recipes/<name>.yaml``) or a file; invalid -> UsageError."""
-    from normsurgeon.recipes import read_recipe_file, validate_recipe
-
     path, data = read_recipe_file(name_or_path)
     if not isinstance(data, dict) or data.get("target") != "remove-ln":
         raise UsageError(f"recipe {path.name} is not a remove-ln recipe (target: {data.get('target') if isinstance(data, dict) else '?'})")

@@ -95,8 +95,7 @@ def write_placed(model: torch.nn.Module, folder: Path, source_cfg: dict, family:
     cfg["model_type"] = CUSTOM_PREFIX + str(source_cfg.get("model_type"))
     cfg["normsurgeon"] = section(source_cfg, family, spec, alpha0, False)
     write_safetensors(state, folder, max_shard_bytes)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "README.md").write_text(_LOAD_DOC.format(scheme=spec.scheme))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))  # the model card (README.md): run.py
     info["class"] = f"normsurgeon placed {(source_cfg.get('architectures') or ['?'])[0]}"
     return info
 
@@ -120,21 +119,6 @@ def _check_stock(model, folder: Path, target: str, ids: torch.Tensor | None) -> 
     a = model(input_ids=ids, use_cache=False).logits.double()
     b = stock.to(next(model.parameters()).dtype)(input_ids=ids, use_cache=False).logits.double()
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
-
-
-_LOAD_DOC = """# A normsurgeon placed model ({scheme})
-
-No stock Hugging Face class implements this placement, so `config.json` has
-`model_type = normsurgeon_<type>` (stock `from_pretrained` refuses it) and a `normsurgeon` section with
-the placement spec. Load it with normsurgeon (pure PyTorch, no remote code):
-
-```python
-from normsurgeon.placement.io import load_placed
-model = load_placed("THIS_FOLDER").model   # a transformers model with placed blocks
-```
-
-or use the folder as MODEL in `normsurgeon diagnose`.
-"""
 
 
 def _section(path: Path) -> dict | None:
@@ -183,3 +167,11 @@ def load_placed(ref: str | Path):
                          f"unexpected tensors, e.g. {(missing or unexpected)[0]})")
     model.eval()
     return LoadedModel(model, str(ref), "folder", path, cfg, dtype, sec)
+
+
+def load_form(req):
+    """The ``placement`` output form (``normsurgeon.io.forms``, entry point ``placement``): custom placed
+    folders; stock-loadable ones and stock loads are left to the generic loader."""
+    if req.stock or req.section.get("stock_loadable", False):
+        return None
+    return load_placed(req.path)

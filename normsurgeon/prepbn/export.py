@@ -88,3 +88,15 @@ def load_prepbn(path: str | Path) -> torch.nn.Module:
     # identity norms and created biases, as every custom normsurgeon output records them
     rebuild_structure(model, section, {k: tuple(v.shape) for k, v in state.items()})
     return load_recorded_state(model, state, str(path)).eval()
+
+
+def load_form(req):
+    """The ``prepbn`` output form (``normsurgeon.io.forms``, entry point ``prepbn``); a stock load
+    (``req.stock``) is left to the generic loader."""
+    from normsurgeon.io.loader import LoadedModel
+
+    if req.stock:
+        return None
+    model = load_prepbn(req.path)
+    cfg = json.loads((req.path / "config.json").read_text())
+    return LoadedModel(model, req.ref, "folder", req.path, cfg, next(model.parameters()).dtype, req.section)

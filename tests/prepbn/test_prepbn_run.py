@@ -87,7 +87,7 @@ def test_resume_matches_uninterrupted(saved_family, images, tmp_path):
 
 
 def _cli(*args):
-    from normsurgeon import cli_prepbn
+    from normsurgeon.cli import prepbn as cli_prepbn
     from normsurgeon.cli import app as main_app
 
     app = main_app if any(c.name == "prepbn" for c in main_app.registered_commands) else typer.Typer()

@@ -1,16 +1,17 @@
-"""CLI for memory-bounded conversion: ``normsurgeon plan`` and the streaming paths of ``convert``/``verify``.
+"""The memory-bounded paths of the command line: the header-only plan (the ``plan`` command,
+``cli/plan.py``) and the streaming paths of ``convert`` / ``verify``.
 
-``register(app)`` adds ``plan`` (the header-only dry run). ``cli.py``'s ``convert`` calls
-``run_streaming_convert`` for ``--dry-run``, ``--stream``, ``--resume`` or ``--max-memory`` (or when the
-checkpoint would not fit in memory), and ``verify`` calls ``run_layerwise_verify`` for ``--layerwise``.
+``cli/convert.py`` calls ``run_streaming_convert`` for ``--dry-run``, ``--stream``, ``--resume`` or
+``--max-memory`` (or when the checkpoint would not fit in memory), and ``cli/verify.py`` calls
+``run_layerwise_verify`` for ``--layerwise``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import typer
+from normsurgeon.cli.exits import verification_exit
+from normsurgeon.cli.output import emit
 
 
 def _human(n: int) -> str:
@@ -59,7 +60,7 @@ def run_plan(model: str, to: str, bias_policy: Optional[str], dtype: str, max_me
     plan = plan_streaming(Path(model), to, policy, parse_dtype(dtype))
     d = plan.to_dict()
     if json_out:
-        print(json.dumps(d, indent=2, default=str))
+        emit(d, "plan")
     else:
         print_plan(d, console)
     check_budget(plan, parse_size(max_memory) if max_memory else None)
@@ -85,7 +86,7 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
                           bias_policy: Optional[str], dtype: str,
                           overwrite: bool, no_verify: bool, max_shard_size: str, max_memory: Optional[str],
                           resume: bool, dry_run: bool, verify_mode: str, json_out: bool, console, status,
-                          streamed_for_memory: bool = False) -> int:
+                          streamed_for_memory: bool = False, progress: Optional[Callable] = None) -> int:
     if dry_run:
         if recipe is not None:  # the plan of what the recipe would do (stream_convert checks it fully)
             from normsurgeon.conversion import load_conversion_recipe
@@ -99,9 +100,9 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
     report = stream_convert(Path(model), out, to=to, recipe=recipe, bias_policy=bias_policy, dtype=dtype,
                             max_shard_size=max_shard_size, max_memory=max_memory, resume=resume,
                             overwrite=overwrite, verify="none" if no_verify else verify_mode, status=status,
-                            streamed_for_memory=streamed_for_memory)
+                            streamed_for_memory=streamed_for_memory, progress=progress)
     if json_out:
-        print(json.dumps(report, indent=2, default=str))
+        emit(report, "equivalence")
     else:
         if report.get("metrics"):
             print_report(report, console)
@@ -113,39 +114,17 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
 
 
 def run_layerwise_verify(source: str, converted: str, *, num: int, seq_len: int, seed: int, text: Optional[Path],
-                         json_out: bool, console) -> int:
+                         json_out: bool, console, progress: Optional[Callable] = None) -> int:
     from normsurgeon.stream import verify_layerwise
     from normsurgeon.verification.report import print_report
 
-    report = verify_layerwise(Path(source), Path(converted), num=num, seq_len=seq_len, seed=seed, text_file=text)
+    report = verify_layerwise(Path(source), Path(converted), num=num, seq_len=seq_len, seed=seed, text_file=text,
+                              progress=progress)
     if json_out:
-        print(json.dumps(report, indent=2, default=str))
+        emit(report, "equivalence")
     else:
         print_report(report, console)
         for p in report["per_layer"]:
             console.print(f"  {p['point']}: stream rel. L2 {p['resid_rel_l2']:.2e}, block alone {p['local_rel_l2']:.2e}",
                           highlight=False)
-    from normsurgeon.cli import verification_exit
-
     return verification_exit(report)
-
-
-def register(app: typer.Typer) -> None:
-    from normsurgeon.cli import _EPILOG, JsonOpt, _run, out_console
-
-    @app.command("plan", epilog=_EPILOG)
-    def plan_cmd(
-        model: str = typer.Argument(..., metavar="MODEL", help="A local safetensors model folder."),
-        to: str = typer.Option("rmsnorm", "--to", help="rmsnorm or crmsnorm."),
-        bias_policy: Optional[str] = typer.Option(None, "--bias-policy", help="stock or fold-all."),
-        dtype: str = typer.Option("source", "--dtype", help="Output dtype: source, float32, float64, bfloat16, float16."),
-        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Refuse (exit 6) a plan above this, e.g. 4GiB."),
-        json_out: bool = JsonOpt,
-    ) -> None:
-        """Plan a conversion from config.json and the safetensors headers only (no weights are read).
-
-        Prints the tensor inventory (transformed, copied, added, dropped; an unaccounted tensor is an
-        error), the groups in processing order and the estimated peak memory. Same as
-        `convert MODEL -o OUT --dry-run`.
-        """
-        _run(lambda: run_plan(model, to, bias_policy, dtype, max_memory, json_out, out_console))

@@ -1,4 +1,4 @@
-"""The ``prepbn`` command (wired into ``normsurgeon.cli`` by ``register(app)``); a thin layer over
+"""The ``prepbn`` command (added to ``normsurgeon.cli``'s app by ``register(app)``); a thin layer over
 ``normsurgeon.prepbn.run.run_prepbn``.
 
 >>> import typer
@@ -15,7 +15,9 @@ from typing import Optional
 
 import typer
 
-from normsurgeon.cli_options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
+from normsurgeon.cli.console import err_console, out_console, status
+from normsurgeon.cli.exits import run_command
+from normsurgeon.cli.options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
 
 
 def register(app: typer.Typer) -> None:
@@ -69,7 +71,6 @@ def register(app: typer.Typer) -> None:
         Example: normsurgeon prepbn examples/tiny_vit/checkpoint --finetune --data examples.tiny_vit.vit:digits
         -o out/tiny-vit-prepbn
         """
-        from normsurgeon.cli import _run, _status, err_console, out_console
 
         def go() -> int:
             from normsurgeon.prepbn.report import to_markdown
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
                                  tokenizer=tokenizer, text_field=text_field, checkpoint_dir=checkpoint_dir,
                                  resume=resume, stop_after=stop_after, progress=progress and not as_json,
                                  overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-            report = run_prepbn(model, out, opts, status=_status(not as_json))
+            report = run_prepbn(model, out, opts, status=status(not as_json))
             if report.get("rank"):
                 return 0
             if report["status"] == "interrupted":
@@ -97,4 +98,4 @@ def register(app: typer.Typer) -> None:
                 out_console.print(to_markdown(report), highlight=False, markup=False)
                 out_console.print(f"wrote {out}", highlight=False)
             return 0
-        _run(go)
+        run_command(go)

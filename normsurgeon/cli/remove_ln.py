@@ -1,4 +1,4 @@
-"""The ``remove-ln`` command (wired into ``normsurgeon.cli`` by ``register(app)``); a thin layer over
+"""The ``remove-ln`` command (added to ``normsurgeon.cli``'s app by ``register(app)``); a thin layer over
 ``normsurgeon.lnfree.run.remove_ln``.
 
 >>> import typer
@@ -15,7 +15,9 @@ from typing import Optional
 
 import typer
 
-from normsurgeon.cli_options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
+from normsurgeon.cli.console import err_console, out_console, status
+from normsurgeon.cli.exits import run_command
+from normsurgeon.cli.options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
 
 
 def register(app: typer.Typer) -> None:
@@ -65,7 +67,6 @@ def register(app: typer.Typer) -> None:
         Example: normsurgeon remove-ln examples/tiny-gpt2 --finetune --control --data
         examples.stdlib_corpus:load_stdlib_corpus -o out/tiny-gpt2-lnfree
         """
-        from normsurgeon.cli import _run, _status, err_console, out_console
 
         def go() -> int:
             from normsurgeon.lnfree.run import RemoveLnOptions, remove_ln
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
                                    checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after,
                                    progress=progress and not as_json, overwrite=overwrite,
                                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-            report = remove_ln(model, out, opts, status=_status(not as_json))
+            report = remove_ln(model, out, opts, status=status(not as_json))
             if report.get("rank"):
                 return 0
             if report["status"] == "interrupted":
@@ -92,4 +93,4 @@ def register(app: typer.Typer) -> None:
                 out_console.print(to_markdown(report), highlight=False, markup=False)
                 out_console.print(f"wrote {out}", highlight=False)
             return 0
-        _run(go)
+        run_command(go)

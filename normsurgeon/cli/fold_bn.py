@@ -1,4 +1,4 @@
-"""The ``fold-bn`` command (wired into ``normsurgeon.cli`` with ``register(app)``); a thin layer over
+"""The ``fold-bn`` command (added to ``normsurgeon.cli``'s app by ``register(app)``); a thin layer over
 ``normsurgeon.batchnorm.run.run_fold_bn``.
 
 >>> import typer
@@ -15,7 +15,9 @@ from typing import Optional
 
 import typer
 
-from normsurgeon.cli_options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
+from normsurgeon.cli.console import out_console
+from normsurgeon.cli.exits import run_command
+from normsurgeon.cli.options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
 
 from normsurgeon.errors import UsageError
 
@@ -51,7 +53,6 @@ def register(app: typer.Typer) -> None:
         as_json: bool = ReportJsonOpt,
     ) -> None:
         """Fold every eval-mode BatchNorm into the conv/linear the dataflow proves it is connected to."""
-        from normsurgeon.cli import _run, out_console
 
         def go() -> int:
             from normsurgeon.batchnorm.run import run_fold_bn, units_markdown
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
             _print(report, out_console, units_markdown)
             return 0
 
-        _run(go)
+        run_command(go)
 
 
 def _print(report: dict, console, units_markdown) -> None:
