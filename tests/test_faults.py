@@ -197,17 +197,18 @@ def test_read_only_output_folder_is_a_usage_error(capfd, proj, tmp_path, stream)
         _umount(ro)
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES])
-def test_output_write_refused_midway_is_a_usage_error(capfd, proj, tmp_path, monkeypatch, err):
+def test_output_write_refused_midway_is_a_usage_error(capfd, proj, tmp_path, monkeypatch, err, stream):
     """An OSError while writing the weights (the folder became read-only, permissions): exit 2, staging gone."""
-    import normsurgeon.io.writer as writer
+    import normsurgeon.stream.execute as execute
 
-    def refuse(state, filename, metadata=None):
-        raise OSError(err, os.strerror(err), filename)
-    monkeypatch.setattr(writer, "save_file", refuse)
+    def refuse(tmp, layouts, fresh, direct=True):
+        raise OSError(err, os.strerror(err), str(tmp / layouts[0].name))
+    monkeypatch.setattr(execute, "open_shards", refuse)
     out = tmp_path / "out"
     before = tree_digest(proj)
-    result = cli(capfd, "convert", proj / "m", "-o", out)
+    result = cli(capfd, "convert", proj / "m", "-o", out, *(["--stream"] if stream else []))
     assert_failed_cleanly(result, 2, out, before, proj, words=("cannot write the output",))
 
 
@@ -247,20 +248,8 @@ def test_a_really_full_file_system(capfd, proj, tmp_path, stream):
 
 # -- 10: one line, details with --json ------------------------------------------------------------------
 
-def _corrupt_a_fold(monkeypatch):
-    """Make the in-memory conversion wrong in block 1 (a plausible mis-fold)."""
-    from normsurgeon.transforms import apply
-
-    original = apply.STEPS["center_writers"]
-
-    def bad(model, plan):
-        original(model, plan)
-        with torch.no_grad():
-            model.transformer.h[1].mlp.c_fc.bias.add_(0.05)
-    monkeypatch.setitem(apply.STEPS, "center_writers", bad)
-
-
-def _corrupt_a_streamed_tensor(monkeypatch):
+def _corrupt_a_tensor(monkeypatch):
+    """Make the conversion wrong in block 1 (a plausible mis-fold), in memory or streamed (one engine)."""
     from normsurgeon.stream import execute
 
     original = execute.run_job
@@ -278,7 +267,7 @@ def _corrupt_a_streamed_tensor(monkeypatch):
 @pytest.mark.parametrize("as_json", [False, True])
 def test_failed_verification_is_one_line_with_metric_threshold_and_place(capfd, proj, tmp_path, monkeypatch,
                                                                         stream, as_json):
-    (_corrupt_a_streamed_tensor if stream else _corrupt_a_fold)(monkeypatch)
+    _corrupt_a_tensor(monkeypatch)
     out = tmp_path / "out"
     before = tree_digest(proj)
     argv = ["convert", proj / "m", "-o", out] + (["--stream", "--verify-mode", "layerwise"] if stream else [])

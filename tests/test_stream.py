@@ -250,13 +250,15 @@ def test_layerwise_verify_localises_a_bad_fold(sharded, tmp_path):
 
 
 def test_row_chunks_are_bit_identical(sharded, tmp_path, monkeypatch):
-    import normsurgeon.stream.execute as ex
+    """Whole tensors (default chunk size) and one row per chunk give the same files."""
+    import normsurgeon.stream.budget as budget
 
-    monkeypatch.setattr(ex, "CHUNK_BYTES", 300)  # one row per chunk
     for family, target in (("gpt2", "rmsnorm"), ("gpt2", "crmsnorm"), ("opt", "rmsnorm")):
         src = sharded(family)
         convert(str(src), tmp_path / f"mem-{family}-{target}", to=target, run_verify=False)
-        stream_convert(src, tmp_path / f"s-{family}-{target}", to=target, verify="none")
+        with monkeypatch.context() as mp:
+            mp.setattr(budget, "CHUNK_BYTES", 300)  # one row per chunk
+            stream_convert(src, tmp_path / f"s-{family}-{target}", to=target, verify="none")
         _same_folder(tmp_path / f"mem-{family}-{target}", tmp_path / f"s-{family}-{target}")
 
 

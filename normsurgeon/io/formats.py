@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from normsurgeon.errors import InputError
-from normsurgeon.modules import CentredLayerNorm, CRMSNorm, RMSNorm
+from normsurgeon.modules import CentredLayerNorm, CRMSNorm, DyT, RMSNorm
 from normsurgeon.module_tree import set_module
 
 CUSTOM_PREFIX = "normsurgeon_"
@@ -94,8 +94,6 @@ def rebuild_structure(model: torch.nn.Module, section: dict, shapes: dict[str, t
             new = RMSNorm(size, eps, weight=w, bias=b, gain_offset=(section.get("gain_offset") or {}).get(name, 0.0))
         set_module(model, name, new)
     for name, spec in (section.get("dyt") or {}).items():  # remove-ln --to dyt (normsurgeon.lnfree.dyt)
-        from normsurgeon.lnfree.dyt import DyT
-
         set_module(model, name, DyT(spec["size"], weight=spec["weight_attr"] is not None,
                                      bias=spec["bias_attr"] is not None, weight_attr=spec["weight_attr"] or "weight",
                                      bias_attr=spec["bias_attr"] or "bias"))
@@ -128,3 +126,15 @@ def _reshape_to_checkpoint(model: torch.nn.Module, shapes: dict, crms: dict) -> 
             mod.out_channels = w.shape[0]
         elif hasattr(mod, "nf") and w.dim() == 2:
             mod.nx, mod.nf = w.shape
+
+
+def swap_to_rmsnorm(model: torch.nn.Module, section: dict) -> None:
+    """Replace the stock norms named in a stock-loadable output's section by ``modules.RMSNorm`` with the
+    same parameters: the model as ``normsurgeon.load`` gives it (the stock load keeps LayerNorm modules,
+    which compute RMSNorm on the zero-mean stream)."""
+    offsets = section.get("gain_offset") or {}
+    for name, eps in section.get("rmsnorm", {}).items():
+        old = model.get_submodule(name)
+        new = RMSNorm(norm_width(old), eps, weight=getattr(old, "weight", None),
+                      bias=getattr(old, "bias", None), gain_offset=offsets.get(name, 0.0))
+        set_module(model, name, new)

@@ -50,7 +50,7 @@ class BufferedFile:
     """The page-cache fallback with the same interface as ``DirectFile``."""
 
     def __init__(self, path: Path, size: int, fresh: bool):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides (0644 typically)
         self.size = size
         if fresh:
             os.ftruncate(self.fd, 0)
@@ -147,7 +147,7 @@ def open_direct(path: Path, size: int, fresh: bool, stage: mmap.mmap | None = No
     if flag is None:
         return None
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | flag, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flag, 0o666)  # the umask decides
     except OSError:
         return None
     try:  # some file systems accept the flag at open and refuse the first aligned read or write

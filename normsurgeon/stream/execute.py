@@ -25,12 +25,16 @@ import torch.nn.functional as F
 
 from normsurgeon.io.destination import sibling
 from normsurgeon.stream.direct_writer import DirectFile
-from normsurgeon.stream.headers import ShardReader, TensorEntry
-from normsurgeon.stream.plan import CHUNK_BYTES, Job, Output, StreamPlan, row_chunked
+from normsurgeon.stream.budget import row_chunked
+from normsurgeon.stream import budget
+from normsurgeon.stream.headers import TensorEntry
+from normsurgeon.stream.jobs import Job, Output, output_nbytes
+from normsurgeon.stream.plan import StreamPlan
 from normsurgeon.stream.prefetch import Prefetcher
-from normsurgeon.stream.shards import _BackgroundWriter, output_nbytes, _write_json_atomic, layout_shards, open_shards
-from normsurgeon.transforms.primitives import (center_tensors, fold_affine_tensors, shrink_reader_tensor,
-                                               shrink_writer_tensors)
+from normsurgeon.stream.shards import _BackgroundWriter, _write_json_atomic, layout_shards, open_shards
+from normsurgeon.stream.sources import CheckpointSource, StateDictSource
+from normsurgeon.transforms.primitives import (center_tensors, fold_affine_tensors, fold_scale_into_writer,
+                                               shrink_reader_tensor, shrink_writer_tensors)
 
 PROGRESS = "progress.json"
 F64 = torch.float64
@@ -41,25 +45,20 @@ F64 = torch.float64
 # ----------------------------------------------------------------------------------------------
 
 class _Reader:
-    """Checkpoint tensors by name, in the dtype ``from_pretrained`` would load them in; whole tensors come
-    from the prefetcher when it has read them ahead."""
+    """Source tensors by name in the conversion's starting dtype, with the small norm vectors cached in
+    float64; ``f64`` always returns the caller's own float64 tensor (ops work on it in place)."""
 
-    def __init__(self, plan: StreamPlan, files: ShardReader, prefetch: Prefetcher | None = None):
+    def __init__(self, plan: StreamPlan, source: CheckpointSource | StateDictSource):
         self.plan = plan
-        self.files = files
-        self.prefetch = prefetch
+        self.source = source
         self.cache: dict[str, torch.Tensor] = {}  # small norm vectors, float64
 
     def raw(self, name: str) -> torch.Tensor:
-        entry = self.plan.checkpoint.tensors[name]
-        t = self.prefetch.take(entry) if self.prefetch is not None else None
-        if t is None:
-            t = self.files.read(entry)
-        # from_pretrained loads every float tensor in the model dtype; the in-memory path then upcasts.
-        return t.to(self.plan.model_dtype) if t.dtype.is_floating_point else t
+        return self.source.read(self.plan.checkpoint.tensors[name])
 
     def f64(self, name: str) -> torch.Tensor:
-        return self.raw(name).to(F64)
+        t = self.raw(name)
+        return t.to(F64, copy=not self.source.fresh)
 
     def small(self, name: str | None) -> torch.Tensor | None:
         if name is None:
@@ -75,7 +74,9 @@ def run_job(job: Job, plan: StreamPlan, reader: _Reader) -> dict[str, torch.Tens
     if _copy_or_reset(job):
         res = {}
         for o in job.outputs:
-            if _is_reset(job, o):  # a folded norm: unit gain (weight 1 - offset for (1+w) gains), zero shift
+            if job.ops and job.ops[0][0] == "fill":  # a folded layer scale: ones
+                res[o.name] = torch.full(o.shape, job.ops[0][1], dtype=F64).to(out_dt)
+            elif _is_reset(job, o):  # a folded norm: unit gain (weight 1 - offset for (1+w) gains), zero shift
                 value = 1.0 - job.ops[0][3] if o.role == "norm_weight" else 0.0
                 res[o.name] = torch.full(o.shape, value, dtype=F64).to(out_dt)
             else:  # a copy: casting directly equals casting through float64 (the upcast is exact)
@@ -89,7 +90,11 @@ def run_job(job: Job, plan: StreamPlan, reader: _Reader) -> dict[str, torch.Tens
         kind = op[0]
         if kind == "bake":
             p = plan.norm_params[op[1]]
-            w = F.layer_norm(w, (w.shape[-1],), reader.small(p["weight"]), reader.small(p["bias"]), p["eps"])
+            if p.get("module") is not None:  # in memory: the norm itself, in float64 (any norm class)
+                with torch.no_grad():
+                    w = p["module"](w)  # [vocab, d] -> [vocab, d]
+            else:  # torch.nn.LayerNorm (checked when planning)
+                w = F.layer_norm(w, (w.shape[-1],), reader.small(p["weight"]), reader.small(p["bias"]), p["eps"])
         elif kind == "fold":
             _, norm, layout, fold_shift, gain_offset = op
             p = plan.norm_params[norm]
@@ -97,6 +102,8 @@ def run_job(job: Job, plan: StreamPlan, reader: _Reader) -> dict[str, torch.Tens
             gain = gain + gain_offset if gain is not None and gain_offset else gain  # (1+w) gains
             shift = reader.small(p["bias"]) if fold_shift else None
             w, b, _ = fold_affine_tensors(w, b, layout, gain, shift, create_bias=fold_shift, inplace=True)
+        elif kind == "scale":  # gamma * (W h + b) -> W' h + b' (graph/layer_scale.py); gamma := 1 elsewhere
+            fold_scale_into_writer(w, b, op[2], reader.small(op[1]))
         elif kind == "center":
             center_tensors(w, b, op[1])
         elif kind == "shrink_writer":
@@ -118,6 +125,8 @@ def job_reads(job: Job, plan: StreamPlan) -> list[TensorEntry]:
     if row_chunked(job):
         return []
     if _copy_or_reset(job):
+        if job.ops and job.ops[0][0] == "fill":
+            return []
         names = [o.source for o in job.outputs if not _is_reset(job, o)]
     else:
         names = [o.source for o in job.outputs[:2]]
@@ -125,13 +134,13 @@ def job_reads(job: Job, plan: StreamPlan) -> list[TensorEntry]:
 
 
 def _copy_or_reset(job: Job) -> bool:
-    """A job without math: copies, and a folded norm's reset parameters."""
-    return not job.ops or job.ops[0][0] == "norm_reset"
+    """A job without math: copies, a folded norm's reset parameters, a folded layer scale's ones."""
+    return not job.ops or job.ops[0][0] in ("norm_reset", "fill")
 
 
 def _is_reset(job: Job, o: Output) -> bool:
     """Whether output ``o`` of a copy/reset job is a folded norm's gain (set to 1) or shift (set to 0)."""
-    reset = job.ops[0] if job.ops else ("norm_reset", False, False, 0.0)
+    reset = job.ops[0] if job.ops and job.ops[0][0] == "norm_reset" else ("norm_reset", False, False, 0.0)
     return (o.role == "norm_weight" and reset[1]) or (o.role == "norm_bias" and reset[2])
 
 
@@ -141,19 +150,14 @@ def run_job_chunked(job: Job, plan: StreamPlan, reader: _Reader, write: Callable
     w_out = job.outputs[0]
     entry = plan.checkpoint.tensors[w_out.source]
     rows = entry.shape[0]
-    row_in = entry.nbytes // rows
     cols = entry.numel // rows
-    step = max(1, CHUNK_BYTES // (8 * cols))
+    step = max(1, budget.CHUNK_BYTES // (8 * cols))
     out_row = output_nbytes(w_out) // rows
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        part = TensorEntry(entry.name, entry.file, entry.dtype, (r1 - r0,) + entry.shape[1:],
-                           entry.start + r0 * row_in, (r1 - r0) * row_in)
-        t = reader.files.read(part)
-        if t.is_floating_point():
-            t = t.to(plan.model_dtype)
+        t = reader.source.rows(entry, r0, r1)
         if job.ops:
-            w = t.to(F64)
+            w = t.to(F64, copy=not reader.source.fresh)
             del t
             for op in job.ops:
                 if op[0] == "center":
@@ -187,10 +191,14 @@ def partial_folder(out: Path) -> Path:
 
 def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: dict[str, str], resume: bool,
                  status: Callable[[str], None] = lambda s: None,
-                 on_group_done: Callable[[str], None] | None = None, direct: bool = True) -> dict:
+                 on_group_done: Callable[[str], None] | None = None, direct: bool = True,
+                 tensors: dict[str, torch.Tensor] | None = None, progress: Callable[..., None] | None = None) -> dict:
     """Write every output tensor of ``plan`` into ``tmp``; skip groups ``progress.json`` lists as done.
 
-    ``direct``: write the shards with ``O_DIRECT`` where the file system allows it.
+    ``tensors``: the source state dict when the plan is of a model in memory (``plan_in_memory``); else
+    the tensors are read from the checkpoint's shards. ``direct``: write the shards with ``O_DIRECT``
+    where the file system allows it. ``progress("convert", bytes written, bytes to write, unit="B")`` is
+    called from the writer thread after every write.
     """
     layouts = layout_shards(plan.outputs, max_shard_bytes, metadata)
     where = {name: (s.name, off) for s in layouts for name, off in s.offsets.items()}
@@ -210,7 +218,6 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
     already = len(done)
     shard_files = open_shards(tmp, layouts, fresh, direct)
     direct_used = all(isinstance(f, DirectFile) for f in shard_files.values())
-    files = ShardReader()
     t_math = t_write = 0.0
     written = 0
 
@@ -220,6 +227,8 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
         data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
         shard_files[shard].write(memoryview(data), off + rel)
         written += t.numel() * t.element_size()
+        if progress is not None:
+            progress("convert", min(written, to_write), to_write, unit="B")
 
     def finish_group(name: str) -> None:
         """On the writer thread, after the group's last write: a group counts as done only once all its
@@ -233,8 +242,15 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
             on_group_done(name)
 
     todo = [g for g in plan.groups if g.name not in done]
-    prefetch = Prefetcher([e for g in todo for j in g.jobs for e in job_reads(j, plan)], plan.prefetch_bytes)
-    reader = _Reader(plan, files, prefetch)
+    to_write = sum(output_nbytes(o) for g in todo for j in g.jobs for o in (*j.outputs, *j.aliases))
+    if progress is not None:
+        progress("convert", 0, to_write, unit="B")
+    if tensors is not None:
+        source: CheckpointSource | StateDictSource = StateDictSource(tensors)
+    else:
+        source = CheckpointSource(plan.model_dtype, Prefetcher([e for g in todo for j in g.jobs
+                                                                 for e in job_reads(j, plan)], plan.prefetch_bytes))
+    reader = _Reader(plan, source)
     writer = _BackgroundWriter(write)
     try:
         _write_json_atomic(progress_path, {"fingerprint": fingerprint, "max_shard_bytes": max_shard_bytes,
@@ -246,10 +262,12 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
             for job in group.jobs:
                 t0 = time.perf_counter()
                 if row_chunked(job):
-                    run_job_chunked(job, plan, reader, writer.submit)
+                    run_job_chunked(job, plan, reader, _with_aliases(job, writer.submit))
                     continue
                 tensors = run_job(job, plan, reader)
                 t1 = time.perf_counter()
+                for a in job.aliases:
+                    tensors[a.name] = tensors[a.source]
                 for name, t in tensors.items():
                     writer.submit(name, t, 0)
                 del tensors
@@ -259,8 +277,7 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
         writer.drain()
     finally:
         writer.close()
-        prefetch.close()
-        files.close()
+        source.close()
         for f in shard_files.values():
             f.close()
     if len(layouts) > 1:
@@ -271,3 +288,34 @@ def execute_plan(plan: StreamPlan, tmp: Path, max_shard_bytes: int, metadata: di
             "write_wait_s": round(t_write, 3), "resumed_groups": already, "direct_io": direct_used}
 
 
+
+
+def run_to_state_dict(plan: StreamPlan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every output tensor of an in-memory plan, as a state dict (no files): what ``execute_plan`` would
+    write, for callers that rebuild a module (``transforms.apply.apply_rms_plan``)."""
+    reader = _Reader(plan, StateDictSource(tensors))
+    out: dict[str, torch.Tensor] = {}
+    for job in plan.jobs:
+        if row_chunked(job):
+            parts: dict[str, list[torch.Tensor]] = {}
+            run_job_chunked(job, plan, reader, lambda name, t, rel: parts.setdefault(name, []).append(t))
+            res = {name: torch.cat(ts) if len(ts) > 1 else ts[0] for name, ts in parts.items()}
+        else:
+            res = run_job(job, plan, reader)
+        out.update(res)
+        out.update({a.name: res[a.source] for a in job.aliases})
+    return out
+
+
+def _with_aliases(job: Job, write: Callable[[str, torch.Tensor, int], None]) -> Callable[[str, torch.Tensor, int], None]:
+    """``write``, also writing each chunk of an output under its tied names."""
+    if not job.aliases:
+        return write
+
+    def both(name: str, t: torch.Tensor, rel: int) -> None:
+        write(name, t, rel)
+        for a in job.aliases:
+            if a.source == name:
+                write(a.name, t, rel)
+
+    return both

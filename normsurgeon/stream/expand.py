@@ -46,7 +46,8 @@ def check_alike(plan: RmsPlan, exp: Expander) -> None:
     """Blocks the probe represents by its last block must look like the probe's first block."""
     items = [("replace", n) for n in plan.replace] + [("center", n, k) for n, k in plan.center] + \
             [("fold", f.norm, tuple(r for r in f.readers), f.fold_gain, f.fold_shift) for f in plan.folds] + \
-            [("bake", n, t) for n, t in plan.bake] + [("untie", r, w) for r, w in plan.untie]
+            [("bake", n, t) for n, t in plan.bake] + [("untie", r, w) for r, w in plan.untie] + \
+            [("scale", w, g) for w, g in plan.layer_scales.items()]
     def flat(x) -> list[str]:
         return [x] if isinstance(x, str) else [y for part in x for y in flat(part)] if isinstance(x, tuple) else []
 
@@ -89,4 +90,6 @@ def expand_plan(plan: RmsPlan, exp: Expander) -> RmsPlan:
             folds.append(dataclasses.replace(f, norm=norm, readers=readers))
     return RmsPlan(plan.target, plan.bias_policy, plan.hidden_size, pairs(plan.untie), pairs(plan.bake),
                    [(n2, k) for n, k in plan.center for n2 in one(n)], folds,
-                   {n2: eps for n, eps in plan.replace.items() for n2 in one(n)}, [], [], [], [])
+                   {n2: eps for n, eps in plan.replace.items() for n2 in one(n)}, [], [], [], [],
+                   layer_scales=dict(pairs(plan.layer_scales.items())),
+                   recentre=[n2 for n in plan.recentre for n2 in one(n)])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -196,8 +196,11 @@ def _output_tensor(out: Any) -> torch.Tensor:
 
 
 def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4, seq_len: int = 64, seed: int = 0,
-                     text_file: Path | None = None) -> dict:
-    """Compare ``converted`` with ``source`` block by block; return an equivalence report (a dict)."""
+                     text_file: Path | None = None, progress: Callable[..., None] | None = None) -> dict:
+    """Compare ``converted`` with ``source`` block by block; return an equivalence report (a dict).
+
+    ``progress("verify (layer by layer)", blocks run, 2 x blocks, unit="block")``: each block of the source's
+    pass, then of the converted model's."""
     tune_malloc()  # predictable resident memory (stream/malloc_tuning.py)
     t0 = time.perf_counter()
     source, converted = Path(source), Path(converted)
@@ -212,9 +215,16 @@ def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4,
     extra = {"use_cache": False} if "input_ids" in batch else {}
 
     src_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    blocks_run, n_blocks = [0], sum(block_lists(src).values())
+
+    def tick() -> None:
+        blocks_run[0] += 1
+        if progress is not None:
+            progress("verify (layer by layer)", min(blocks_run[0], 2 * n_blocks), 2 * n_blocks, unit="block")
 
     def keep(name, m, args, kwargs, output):
         src_io[name] = (_hidden_in(args, kwargs).detach().clone(), _first_tensor(output).detach().clone())
+        tick()
 
     lazy_src = LazyWeights(src, src_index, compute)
     try:
@@ -239,6 +249,7 @@ def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4,
             finally:
                 lazy_conv._inner = False
             per_layer.append({"point": name, **stream, "local_rel_l2": _rel_l2(s_out_block, local_out)})
+            tick()
 
         with lazy_conv.attached(compare), torch.no_grad():
             c_out = _output_tensor(conv(**batch, **extra)).detach()

@@ -10,7 +10,6 @@ move into place). See ``execute.py`` for how the plan is run.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource
@@ -25,7 +24,6 @@ from normsurgeon.errors import UsageError, VerificationFailed
 from normsurgeon.io.destination import (SPACE_ERRNOS, Destination, claim_output, raise_if_out_of_space,
                                         replace_folder)
 from normsurgeon.io.writer import copy_tagalong_files, parse_size
-from normsurgeon.transforms.apply import DEFAULT_STEPS
 from normsurgeon.stream.execute import PROGRESS, execute_plan, partial_folder
 from normsurgeon.stream.malloc_tuning import TUNE_FROM_BYTES, tune_malloc
 from normsurgeon.stream.plan import StreamPlan, check_budget, plan_streaming, validate_options
@@ -37,11 +35,11 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
                    resume: bool = False, overwrite: bool = False, verify: str = "auto",
                    status: Callable[[str], None] = lambda s: None,
                    on_group_done: Callable[[str], None] | None = None, direct_io: bool | None = None,
-                   streamed_for_memory: bool = False) -> dict:
+                   streamed_for_memory: bool = False, progress: Callable[..., None] | None = None) -> dict:
     """Convert the safetensors folder ``source`` group by group and write it to ``out``; return the report.
 
-    ``recipe``: a recipe file or built-in name (overrides ``to``); its steps must be the standard steps
-    of its target, which are what the streaming executor runs. ``verify``: "auto" (layer by layer when
+    ``recipe``: a recipe file or built-in name (overrides ``to``); its steps, a subset of the standard
+    steps in their order (``stream/jobs.py``). ``verify``: "auto" (layer by layer when
     ``streamed_for_memory``, i.e. the caller streams because the model does not fit in memory; else
     whole-model when its measured estimate fits: ``stream/verify_memory.py``), "whole", "layerwise" or
     "none". ``max_memory``
@@ -50,16 +48,14 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     recorded in ``progress.json`` (so also for groups finished after an interrupt in the main thread).
     ``direct_io``: write the shards with ``O_DIRECT`` where the file system allows it (past the page
     cache; ``stream/direct_writer.py``), else through the page cache; None: on unless the environment
-    sets ``NORMSURGEON_DIRECT_IO=0``.
+    sets ``NORMSURGEON_DIRECT_IO=0``. ``progress(label, completed, total, unit=...)``: bytes written
+    ("convert", unit "B") and blocks compared by a layerwise verification (``cli/progress.py``).
     """
-    from normsurgeon.conversion import load_conversion_recipe
+    from normsurgeon.conversion_output import load_conversion_recipe
 
     t0 = time.perf_counter()
     source, out = Path(source), Path(out)
     rec = load_conversion_recipe(recipe, to)
-    if rec.steps != DEFAULT_STEPS[rec.target]:
-        raise UsageError(f"recipe {rec.name!r} lists its own steps ({', '.join(rec.steps)}); streaming runs the "
-                         f"standard {rec.target} steps only: convert in memory (without --stream)")
     policy = bias_policy or rec.bias_policy
     validate_options(rec.target, policy)
     if verify not in ("auto", "whole", "layerwise", "none"):
@@ -72,19 +68,22 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     with claim_output(out, inputs=[source], overwrite=overwrite, status=status, keep=keep) as dest:
         try:
             return _stream_convert(source, dest, rec, policy, dtype, budget, max_bytes, resume, verify, status,
-                                   on_group_done, direct_io, t0, streamed_for_memory=streamed_for_memory)
+                                   on_group_done, direct_io, t0, streamed_for_memory=streamed_for_memory,
+                                   progress=progress)
         except OSError as e:
             if e.errno in SPACE_ERRNOS:  # a full disk: nothing to resume into; free the space
                 shutil.rmtree(partial_folder(out), ignore_errors=True)
                 raise_if_out_of_space(e, out)
+            if not _finished_groups(partial_folder(out)):  # nothing worth resuming
+                shutil.rmtree(partial_folder(out), ignore_errors=True)
             raise
 
 
 def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: str | None, budget: int | None,
                     max_bytes: int, resume: bool, verify: str, status: Callable[[str], None],
                     on_group_done: Callable[[str], None] | None, direct_io: bool, t0: float, *,
-                    streamed_for_memory: bool = False) -> dict:
-    from normsurgeon.conversion import _config_json, _versions, parse_dtype
+                    streamed_for_memory: bool = False, progress: Callable[..., None] | None = None) -> dict:
+    from normsurgeon.conversion_output import config_json, parse_dtype, tool_versions, write_conversion_card
     from normsurgeon.verification.report import failure_line, write_report
 
     out, to = dest.path, rec.target
@@ -92,7 +91,7 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
         tune_malloc()  # predictable resident memory; before planning (stream/malloc_tuning.py)
 
     status("planning from config.json, the safetensors headers and the norm shifts")
-    plan = plan_streaming(source, to, policy, parse_dtype(dtype), read_shifts=True)
+    plan = plan_streaming(source, to, policy, parse_dtype(dtype), read_shifts=True, steps=rec.steps)
     check_budget(plan, budget)
 
     t_plan = time.perf_counter() - t0
@@ -103,14 +102,13 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         stats = execute_plan(plan, tmp, max_bytes, {"normsurgeon_recipe": rec.name}, resume, status, on_group_done,
-                             direct=direct_io)
+                             direct=direct_io, progress=progress)
     except KeyboardInterrupt:
         status(f"interrupted: the partial output stays in {tmp}; run again with --resume to finish it")
         raise
     t_convert = time.perf_counter() - t0 - t_plan
 
-    shim = _SourceShim(plan.config, plan.model_class)
-    cfg = _config_json(shim, plan.rms_plan, rec, plan.out_dtype)
+    cfg = config_json(plan.config, plan.model_class, False, plan.rms_plan, rec, plan.out_dtype, rec.steps)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     copied = copy_tagalong_files(source, tmp)
     resolved = {"recipe": rec.model_dump(), "bias_policy": policy, "plan": plan.rms_plan.to_dict()}
@@ -121,10 +119,10 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
                                    available=_available_memory())
     if mode != "none":
         status(f"verifying ({mode}): {why}")
-        report = _verify(source, tmp, mode, plan, rec)
+        report = _verify(source, tmp, mode, plan, rec, progress)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.update({
-        "tool": _versions(),
+        "tool": tool_versions(),
         "recipe": {"name": rec.name, "target": rec.target, "bias_policy": policy},
         "plan": plan.to_dict()["plan"] | {"kept_on_norm": {f.norm: f.reason for f in plan.rms_plan.folds
                                                             if not f.fold_gain}},
@@ -144,6 +142,7 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
     report["timing_s"] = {**report.get("timing_s", {}), "plan": round(t_plan, 3), "convert": round(t_convert, 3),
                           "total": round(time.perf_counter() - t0, 3)}
     write_report(report, tmp)
+    write_conversion_card(tmp, str(source), source, plan.rms_plan, rec, report, out)
     if report["status"] == "fail":
         shutil.rmtree(tmp, ignore_errors=True)
         raise VerificationFailed(f"verification failed, nothing written: {failure_line(report)}", report)
@@ -153,35 +152,21 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
     return report
 
 
-@dataclasses.dataclass
-class _SourceShim:
-    """What ``convert._config_json`` reads from a loaded source, without loading it."""
-
-    config: dict
-    class_name: str
-    kind: str = "folder"
-
-    @property
-    def model(self):
-        return type(self.class_name, (), {})()
+def _finished_groups(tmp: Path) -> list[str]:
+    """The groups a partial output records as written (none when it has no readable progress file)."""
+    try:
+        return list(json.loads((tmp / PROGRESS).read_text()).get("done", []))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
-def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec) -> dict:
+def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec, progress=None) -> dict:
     if mode == "layerwise":
         from normsurgeon.stream.layerwise_verify import verify_layerwise
 
         return verify_layerwise(source, tmp, num=rec.verify.num_sequences, seq_len=rec.verify.seq_len,
-                                seed=rec.verify.seed)
+                                seed=rec.verify.seed, progress=progress)
+    from normsurgeon.verification.written import verify_written
     from normsurgeon.io.loader import load_model
-    from normsurgeon.verification.api import verify_loaded
 
-    report = verify_loaded(load_model(str(source)), load_model(str(tmp)), num=rec.verify.num_sequences,
-                           seq_len=rec.verify.seq_len, seed=rec.verify.seed)
-    if plan.rms_plan.stock_loadable:
-        stock = verify_loaded(load_model(str(source)), load_model(str(tmp), stock=True), num=rec.verify.num_sequences,
-                              seq_len=rec.verify.seq_len, seed=rec.verify.seed)
-        report["stock_load"] = {"status": stock["status"], "loaded_as": stock["output"]["loaded_as"],
-                                "metrics": stock["metrics"]}
-        if stock["status"] != "pass":
-            report["status"] = "fail"
-    return report
+    return verify_written(load_model(str(source)), tmp, plan.rms_plan.stock_loadable, rec.verify, None)

@@ -1,10 +1,11 @@
-"""Plan a streaming conversion from ``config.json`` and the safetensors headers only (no weights).
+"""Plan a conversion as a job list (``jobs.py``), from a checkpoint on disk or from a model in memory.
 
-Steps: read the headers (and check the shard index), build the full model on ``meta`` (every name,
-shape and tie) and a shallow probe (see ``skeleton.py``), map the probe's norms and plan the conversion
-on it, generalise the probe's module names over all blocks (``expand.py``), then turn the plan into
-*jobs*: one per module (or bare parameter) whose output tensors are computed together. Every checkpoint tensor must
-be the source of some output or be dropped on purpose; anything else is an error.
+``plan_streaming`` reads ``config.json`` and the safetensors headers only (no weights): it builds the
+full model on ``meta`` (every name, shape and tie) and a shallow probe (see ``skeleton.py``), maps the
+probe's norms and plans the conversion on it, and generalises the probe's module names over all blocks
+(``expand.py``). ``plan_in_memory`` maps the norms of a loaded model itself. Both turn the conversion
+plan into the same jobs, which ``execute.py`` runs over the matching tensor source (``sources.py``).
+Every source tensor must be the source of some output or be dropped on purpose; anything else is an error.
 
 >>> import tempfile, pathlib
 >>> from normsurgeon.testing import tiny_gpt2
@@ -14,72 +15,48 @@ be the source of some output or be dropped on purpose; anything else is an error
 ['embeddings', 'transformer.h.0', 'transformer.h.1', 'head']
 >>> p.inventory["added"]
 ['lm_head.weight']
+>>> plan_in_memory(tiny_gpt2(), "rmsnorm").inventory["added"]
+['lm_head.weight']
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from normsurgeon.errors import InputError, UnsupportedModel, UsageError
-from normsurgeon.graph.normmap import build_norm_map
+from normsurgeon.graph.normmap import NormMap, build_norm_map
 from normsurgeon.io.checkpoint import read_config
+from normsurgeon.stream.budget import (BASELINE_BYTES, CHUNK_BYTES, PREFETCH_BYTES, WRITE_DEPTH, check_budget,
+                                       job_peak, row_chunked)
 from normsurgeon.stream.expand import Expander, check_alike, expand_plan
-from normsurgeon.stream.headers import CheckpointIndex, ShardReader, read_checkpoint_index
-from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, probe_model, split_block
+from normsurgeon.stream.headers import CheckpointIndex, ShardReader, TensorEntry, read_checkpoint_index
+from normsurgeon.stream.jobs import (Group, Job, Output, build_groups, build_inventory, build_jobs, describe,
+                                     output_nbytes)
+from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, probe_model
 from normsurgeon.transforms.plan import Fold, RmsPlan, decide_fold, plan_rms_conversion
 
-BASELINE_BYTES = 700 * 2**20  # interpreter + torch + transformers, measured on this project's machine
+__all__ = ["BASELINE_BYTES", "CHUNK_BYTES", "PREFETCH_BYTES", "WRITE_DEPTH", "Group", "Job", "Output",
+           "StreamPlan", "check_budget", "output_nbytes", "plan_in_memory", "plan_streaming", "row_chunked",
+           "source_dtype", "validate_options"]
+
 _NAMED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
 
 @dataclasses.dataclass
-class Output:
-    """One output tensor: its name, where its values come from, and its final shape/dtype."""
+class StreamPlan:
+    """Everything the executor needs: the jobs, where their tensors come from, and the conversion plan.
 
-    name: str
-    source: str | None  # checkpoint tensor name, None when created (a new bias)
-    role: str  # "weight" | "bias" | "norm_weight" | "norm_bias" | "param" | "copy"
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-@dataclasses.dataclass
-class Job:
-    """A module (or bare parameter) processed as a unit: its output tensors and the ordered operations.
-
-    ops (in the in-memory order): ("bake", norm), ("fold", norm, layout), ("center", layout),
-    ("shrink_writer", layout), ("shrink_reader", layout), ("norm_reset",) for a folded norm.
+    ``checkpoint`` indexes the source tensors: safetensors entries on disk, or the state dict of a model
+    in memory (entries without a file; ``sources.py``).
     """
 
-    name: str
-    group: str
-    outputs: list[Output]
-    ops: list[tuple]
-
-    @property
-    def transformed(self) -> bool:
-        return bool(self.ops)
-
-
-@dataclasses.dataclass
-class Group:
-    name: str
-    jobs: list[Job]
-    read_bytes: int
-    peak_bytes: int  # estimated working memory of the largest job in this group
-
-
-@dataclasses.dataclass
-class StreamPlan:
-    """Everything the executor needs, derived from headers, config and a traced probe."""
-
-    source: Path
+    source: Path | None
     config: dict
     model_class: str
     target: str
@@ -93,6 +70,7 @@ class StreamPlan:
     norm_biases: dict[str, str]  # norm name -> checkpoint name of its shift (for re-deciding folds)
     fold_facts: dict[str, dict]  # norm name -> readers, reads_output, missing, attrs
     norm_params: dict[str, dict]  # norm name -> {"weight": ckpt name | None, "bias": ckpt name | None, "eps"}
+    # (+ "module": a float64 copy of an embedding norm, which bakes its table exactly, in memory only)
     model_dtype: torch.dtype  # the dtype from_pretrained would load the source in
 
     @property
@@ -101,7 +79,7 @@ class StreamPlan:
 
     @property
     def outputs(self) -> list[Output]:
-        return [o for j in self.jobs for o in j.outputs]
+        return [o for j in self.jobs for o in j.outputs + j.aliases]
 
     @property
     def peak_bytes(self) -> int:
@@ -129,7 +107,8 @@ class StreamPlan:
         """Changes when the source files, the options or the job list change (guards --resume)."""
         data = {"files": self.checkpoint.fingerprint(), "target": self.target, "policy": self.bias_policy,
                 "dtype": str(self.out_dtype),
-                "jobs": [(j.name, j.ops, [(o.name, o.source, o.shape) for o in j.outputs]) for j in self.jobs]}
+                "jobs": [(j.name, j.ops, [(o.name, o.source, o.shape) for o in j.outputs + j.aliases])
+                         for j in self.jobs]}
         return hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()
 
     def to_dict(self) -> dict:
@@ -142,7 +121,7 @@ class StreamPlan:
             "assumed_nonzero_shifts": self.assumed_nonzero_shifts,
             "inventory": self.inventory,
             "groups": [{"name": g.name, "jobs": len(g.jobs), "read_bytes": g.read_bytes, "peak_bytes": g.peak_bytes,
-                        "tensors": {o.name: _describe(j, o) for j in g.jobs for o in j.outputs}} for g in self.groups],
+                        "tensors": {o.name: describe(j, o) for j in g.jobs for o in j.outputs}} for g in self.groups],
             "memory": {"peak_bytes": self.peak_bytes, "baseline_bytes": BASELINE_BYTES,
                        "pipeline_bytes": self.pipeline_bytes,
                        "largest_group": max(self.groups, key=lambda g: g.peak_bytes).name if self.groups else None},
@@ -151,23 +130,6 @@ class StreamPlan:
                      "folded_norms": sum(f.fold_gain for f in self.rms_plan.folds),
                      "created_bias": sorted(set(self.rms_plan.created_bias)), "notes": self.rms_plan.notes},
         }
-
-
-def output_nbytes(o: Output) -> int:
-    """Bytes of one output tensor."""
-    n = 1
-    for d in o.shape:
-        n *= d
-    return n * torch.empty(0, dtype=o.dtype).element_size()
-
-
-def _describe(job: Job, out: Output) -> str:
-    if out.source is None:
-        return "added: " + " + ".join(op[0] for op in job.ops)
-    ops = [op[0] for op in job.ops if not (out.role in ("norm_weight", "norm_bias") and op[0] != "norm_reset")]
-    verb = "transformed" if ops else "copied"
-    src = "" if out.source == out.name else f" from {out.source}"
-    return f"{verb}{src}" + (": " + " + ".join(ops) if ops else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +149,8 @@ def source_dtype(config: dict, index: CheckpointIndex) -> torch.dtype:
 
 def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str = "stock",
                    dtype: torch.dtype | None = None, probe_layers: int = 2,
-                   shifts: dict[str, bool] | None = None, read_shifts: bool = False) -> StreamPlan:
+                   shifts: dict[str, bool] | None = None, read_shifts: bool = False,
+                   steps: list[str] | None = None) -> StreamPlan:
     """Plan the conversion of the safetensors folder ``source`` from its headers and config.
 
     Which norms fold their shift depends on whether the shift is zero. ``read_shifts=True`` reads the
@@ -205,13 +168,6 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
     nm = build_norm_map(probe)
     policy = "fold-all" if target == "crmsnorm" else bias_policy
     probe_plan = plan_rms_conversion(probe, nm, target, policy)
-    if probe_plan.recentre:
-        raise UnsupportedModel(f"embedding norms over several tables (`{probe_plan.recentre[0]}`) are centred by the "
-                               "in-memory conversion only: run without --stream")
-    if probe_plan.layer_scales:
-        first = next(iter(probe_plan.layer_scales.values()))
-        raise UnsupportedModel(f"layer scales ({len(probe_plan.layer_scales)} in the probe, e.g. `{first}`) are "
-                               "folded by the in-memory conversion only: run without --stream")
     exp = Expander(block_lists(probe), block_lists(full))
     check_alike(probe_plan, exp)
     plan = expand_plan(probe_plan, exp)
@@ -280,7 +236,7 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
         a = facts["attrs"]
         norm_params[fn] = {k: src_of(f"{fn}.{a[k + '_attr']}") if f"{fn}.{a[k + '_attr']}" in params else None
                            for k in ("weight", "bias")}
-        norm_params[fn]["eps"] = plan.replace[fn]
+        norm_params[fn]["eps"] = plan.replace.get(fn)
     eps_of = {n.name: n.kind.eps for n in nm.norms}
     modules = dict(full.named_modules())
     for pn, _ in probe_plan.bake:
@@ -291,11 +247,71 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
             norm_params[fn] = {k: src_of(f"{fn}.{k}") if f"{fn}.{k}" in params else None for k in ("weight", "bias")}
             norm_params[fn]["eps"] = float(eps_of[pn])
     out_dtype = dtype or model_dtype
-    jobs = _jobs(full, plan, state_names, src_of, index, renames, out_dtype)
-    inventory = _inventory(jobs, index, renames, plan, full)
-    groups = _groups(jobs, block_lists(full), state_names, index, out_dtype)
+    from normsurgeon.stream.jobs import check_steps
+
+    jobs = build_jobs(full, plan, state_names, src_of, index, out_dtype,
+                      check_steps(steps, target) if steps is not None else None)
+    inventory = build_inventory(jobs, index, renames, plan, full)
+    groups = build_groups(jobs, block_lists(full), state_names, index, job_peak)
     return StreamPlan(source, config, type(full).__name__, target, policy, out_dtype, plan, groups, inventory,
                       assumed, index, norm_biases, fold_facts, norm_params, model_dtype)
+
+
+def plan_in_memory(model: torch.nn.Module, target: str = "rmsnorm", bias_policy: str = "stock",
+                   dtype: torch.dtype | None = None, steps: list[str] | None = None, norm_map: NormMap | None = None,
+                   config: dict | None = None, source: Path | None = None, rms_plan: RmsPlan | None = None
+                   ) -> StreamPlan:
+    """Plan the conversion of a loaded ``model`` (any dtype, not modified) as jobs over its state dict.
+
+    Its norms are mapped on the model itself (``norm_map`` if given), so nothing is assumed about its
+    blocks; the plan's decisions use its actual norm shifts (``rms_plan``: a plan already made on it).
+    ``steps``: the recipe's step list.
+    """
+    from normsurgeon.stream.jobs import check_steps
+    from normsurgeon.transforms.steps import DEFAULT_STEPS
+
+    policy = "fold-all" if target == "crmsnorm" else bias_policy
+    if rms_plan is not None:
+        plan, nm = rms_plan, norm_map
+    else:
+        nm = norm_map if norm_map is not None else build_norm_map(model)
+        plan = plan_rms_conversion(model, nm, target, policy)
+    state = model.state_dict()
+    model_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    # Tied tensors are one source tensor under its first name (as a checkpoint stores them).
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for n, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else (n,)
+        alias[n] = first.setdefault(key, n)
+    entries = {n: TensorEntry(n, None, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+               for n, t in state.items() if alias[n] == n}
+    index = CheckpointIndex(source, [], entries)
+
+    def src_of(name: str) -> str:
+        if name not in alias:
+            raise InputError(f"the model has no tensor {name}")
+        return alias[name]
+
+    norm_params: dict[str, dict] = {}
+    for f in plan.folds:
+        norm_params[f.norm] = {k: alias.get(f"{f.norm}.{a}") for k, a in (("weight", f.weight_attr),
+                                                                          ("bias", f.bias_attr))}
+        norm_params[f.norm]["eps"] = plan.replace.get(f.norm)
+    modules = dict(model.named_modules())
+    eps_of = {n.name: n.kind.eps for n in nm.norms} if nm is not None else {}
+    for norm, _ in plan.bake:
+        norm_params[norm] = {k: alias.get(f"{norm}.{k}") for k in ("weight", "bias")}
+        norm_params[norm]["eps"] = eps_of.get(norm, getattr(modules[norm], "eps", None))
+        norm_params[norm]["module"] = copy.deepcopy(modules[norm]).to(torch.float64)  # a few KB
+    out_dtype = dtype or model_dtype
+    state_names = list(state)
+    step_set = check_steps(steps, target) if steps is not None else set(DEFAULT_STEPS[target])
+    jobs = build_jobs(model, plan, state_names, src_of, index, out_dtype, step_set)
+    inventory = build_inventory(jobs, index, {n: n for n in entries}, plan, model)
+    groups = build_groups(jobs, block_lists(model), state_names, index, job_peak)
+    return StreamPlan(source, dict(config or {}), type(model).__name__, target, policy, out_dtype, plan, groups,
+                      inventory, False, index, {}, {}, norm_params, model_dtype)
 
 
 def _read_shifts(norm_biases: dict[str, str], index: CheckpointIndex, model_dtype: torch.dtype) -> dict[str, bool]:
@@ -303,232 +319,6 @@ def _read_shifts(norm_biases: dict[str, str], index: CheckpointIndex, model_dtyp
     with ShardReader() as reader:
         return {n: bool(torch.any(reader.read(index.tensors[src]).to(model_dtype) != 0))
                 for n, src in norm_biases.items()}
-
-
-def _jobs(full, plan: RmsPlan, state_names, src_of, index, renames, out_dtype) -> list[Job]:
-    crms = plan.target == "crmsnorm"
-    shapes = {n: tuple(t.shape) for n, t in full.state_dict().items()}
-    ops: dict[str, list[tuple]] = {}
-    layouts: dict[str, str] = {}
-    untied = dict(plan.untie)
-    baked = {table: norm for norm, table in plan.bake}
-    for table, norm in baked.items():
-        ops.setdefault(table, []).append(("bake", norm))
-    for f in plan.folds:
-        if f.fold_gain:
-            for r, lay in f.readers:
-                ops.setdefault(r, []).append(("fold", f.norm, lay, f.fold_shift, f.gain_offset))
-                layouts[r] = lay
-    for name, kind in plan.center:
-        ops.setdefault(name, []).append(("center", kind))
-    if crms:
-        for name, kind in plan.center:
-            ops[name].append(("shrink_writer", kind))
-        for f in plan.folds:
-            for r, lay in f.readers:
-                ops.setdefault(r, []).append(("shrink_reader", lay))
-    norm_ops = {f.norm: f for f in plan.folds}
-    dropped_norms = set(baked.values()) | (set(plan.replace) if crms else set())
-    created = set(plan.created_bias)
-
-    claimed: set[str] = set()
-    jobs: list[Job] = []
-    modules = dict(full.named_modules())
-    for name in sorted(set(ops) | set(norm_ops) | dropped_norms, key=lambda n: _first_index(n, state_names)):
-        if name in dropped_norms or name in norm_ops:
-            mod = modules[name]
-            f = norm_ops.get(name)
-            w_attr, b_attr = (f.weight_attr, f.bias_attr) if f else ("weight", "bias")
-            outs = []
-            for attr, role, out_attr in ((w_attr, "norm_weight", "weight"), (b_attr, "norm_bias", "bias")):
-                full_name = f"{name}.{attr}"
-                if isinstance(getattr(mod, attr, None), torch.Tensor) and full_name in shapes:
-                    claimed.add(full_name)
-                    if name not in dropped_norms:
-                        outs.append(Output(f"{name}.{out_attr}", src_of(full_name), role, shapes[full_name], out_dtype))
-            reset = [("norm_reset", bool(f.fold_gain), bool(f.fold_shift), f.gain_offset)] if f and f.fold_gain else []
-            jobs.append(Job(name, "", outs, reset))
-            continue
-        job_ops = ops[name]
-        if name in shapes and name not in modules:  # a bare parameter writer
-            shape = shapes[name][:-1] + (shapes[name][-1] - 1,) if crms else shapes[name]
-            claimed.add(name)
-            jobs.append(Job(name, "", [Output(name, src_of(name), "param", shape, out_dtype)], job_ops))
-            continue
-        mod = modules[name]
-        own = [n for n, _ in mod.named_parameters(recurse=False)]
-        if set(own) - {"weight", "bias"}:
-            raise UnsupportedModel(f"{name} has parameters other than weight/bias ({own}): cannot stream it")
-        w_name, b_name = f"{name}.weight", f"{name}.bias"
-        w_src = src_of(untied[name] + ".weight") if name in untied else src_of(w_name)
-        w_shape = _out_shape(shapes[w_name], job_ops)
-        outs = [Output(w_name, w_src, "weight", w_shape, out_dtype)]
-        claimed.add(w_name)
-        has_bias = isinstance(getattr(mod, "bias", None), torch.Tensor)
-        if has_bias or name in created:
-            claimed.add(b_name)
-            b_len = w_shape[1] if _layout_of(mod) == "conv1d" else w_shape[0]  # the output axis
-            outs.append(Output(b_name, src_of(b_name) if has_bias else None, "bias", (b_len,), out_dtype))
-        jobs.append(Job(name, "", outs, job_ops))
-    for name in state_names:
-        if name in claimed:
-            continue
-        src = src_of(name)
-        t = index.tensors[src]
-        dt = out_dtype if t.dtype.is_floating_point else t.dtype
-        jobs.append(Job(name, "", [Output(name, src, "copy", shapes[name], dt)], []))
-    return jobs
-
-
-def _layout_of(mod: torch.nn.Module) -> str | None:
-    from normsurgeon.graph.layouts import layout_of
-
-    return layout_of(mod)
-
-
-def _out_shape(shape: tuple[int, ...], ops: list[tuple]) -> tuple[int, ...]:
-    s = list(shape)
-    for op in ops:
-        if op[0] == "shrink_writer":
-            lay = op[1]
-            if lay in ("linear", "conv"):
-                s[0] -= 1
-            elif lay == "param":
-                s[-1] -= 1
-            else:
-                s[1] -= 1
-        elif op[0] == "shrink_reader":
-            if op[1] == "linear":
-                s[1] -= 1
-            else:
-                s[0] -= 1
-    return tuple(s)
-
-
-def _first_index(module: str, state_names: list[str]) -> int:
-    for i, n in enumerate(state_names):
-        if n == module or n.startswith(module + "."):
-            return i
-    return len(state_names)
-
-
-def _changes(job: Job, out: Output) -> bool:
-    if out.role == "norm_weight":
-        return any(op[0] == "norm_reset" and op[1] for op in job.ops)
-    if out.role == "norm_bias":
-        return any(op[0] == "norm_reset" and op[2] for op in job.ops)
-    return bool(job.ops)
-
-
-def _inventory(jobs: list[Job], index: CheckpointIndex, renames: dict[str, str], plan: RmsPlan, full) -> dict:
-    own = {v: k for k, v in renames.items()}  # runtime name -> its own checkpoint tensor
-    transformed, copied, added = [], [], []
-    for j in jobs:
-        for o in j.outputs:
-            if o.source is None or own.get(o.name) != o.source:
-                added.append(o.name)
-            elif _changes(j, o):
-                transformed.append(o.name)
-            else:
-                copied.append(o.name)
-    used = {o.source for j in jobs for o in j.outputs if o.source is not None}
-    dropped_ok = {f"{n}.{a}" for n in (set(plan.replace) if plan.target == "crmsnorm" else set()) |
-                  {n for n, _ in plan.bake} for a in ("weight", "bias")}
-    ignore = [re.compile(p) for p in (getattr(full, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    dropped, unaccounted = [], []
-    for ckpt in index.tensors:
-        if ckpt in used:
-            continue
-        rt = renames.get(ckpt, ckpt)
-        if rt in dropped_ok or any(p.search(rt) for p in ignore):
-            dropped.append(ckpt)
-        else:
-            unaccounted.append(ckpt)
-    if unaccounted:
-        raise InputError(f"{len(unaccounted)} checkpoint tensor(s) are not accounted for by the plan "
-                         f"(e.g. {', '.join(sorted(unaccounted)[:3])}): the config does not describe these weights")
-    return {"transformed": sorted(transformed), "copied": sorted(copied), "added": sorted(added),
-            "dropped": sorted(dropped),
-            "counts": {"transformed": len(transformed), "copied": len(copied), "added": len(added),
-                       "dropped": len(dropped), "checkpoint": len(index.tensors)}}
-
-
-def _groups(jobs: list[Job], lists: dict[str, int], state_names: list[str], index: CheckpointIndex,
-            out_dtype: torch.dtype) -> list[Group]:
-    first_block = next((i for i, n in enumerate(state_names) if split_block(n, lists)), len(state_names))
-    order: list[str] = []
-    by_group: dict[str, list[Job]] = {}
-    for job in jobs:
-        hit = split_block(job.name + ".", lists) or split_block(job.outputs[0].name if job.outputs else job.name, lists)
-        if hit:
-            g = f"{hit[0]}.{hit[1]}"
-        else:
-            g = "embeddings" if _first_index(job.name, state_names) < first_block else "head"
-        job.group = g
-        if g not in by_group:
-            by_group[g] = []
-            order.append(g)
-        by_group[g].append(job)
-
-    def rank(g: str) -> tuple:
-        if g == "embeddings":
-            return (0,)
-        if g == "head":
-            return (2,)
-        lst, _, i = g.rpartition(".")
-        return (1, _first_index(g, state_names) if lst else 0, int(i) if i.isdigit() else 0)
-
-    groups = []
-    for g in sorted(order, key=rank):
-        js = by_group[g]
-        read = sum(index.tensors[o.source].nbytes for j in js for o in j.outputs if o.source)
-        groups.append(Group(g, js, read, max(_job_peak(j, index) for j in js)))
-    return groups
-
-
-CHUNK_BYTES = 16 * 2**20  # float64 working set of one row chunk
-PREFETCH_BYTES = 512 * 2**20  # at most this much read ahead and not yet used (at least one tensor)
-WRITE_DEPTH = 2  # finished tensors queued for the writer thread (plus the one being written)
-
-
-def row_chunked(job: Job) -> bool:
-    """Jobs whose weight is processed in row chunks: copies, and per-row centring (embedding, Conv1D)
-    with its shrink. Each row's mean is reduced within the row, so chunks give identical bits."""
-    if not job.outputs or job.outputs[0].role not in ("copy", "weight") or len(job.outputs[0].shape) < 2:
-        return False
-    return all(op[0] in ("center", "shrink_writer") and op[1] in ("embedding", "conv1d") for op in job.ops)
-
-
-def _job_peak(job: Job, index: CheckpointIndex) -> int:
-    """Working bytes of one job: per tensor, its source bytes + a float64 copy (+ one more for shrinking)
-    + its output bytes; the tensors of a job are live together. Row-chunked jobs need one chunk."""
-    if row_chunked(job):
-        return 3 * CHUNK_BYTES + sum(index.tensors[o.source].nbytes for o in job.outputs[1:] if o.source) * 6
-    total = 0
-    for o in job.outputs:
-        src = index.tensors[o.source].nbytes if o.source else 0
-        numel = 1
-        for s in o.shape:
-            numel *= s
-        out = numel * torch.empty(0, dtype=o.dtype).element_size()
-        if job.ops:
-            extra = 8 * numel if any(op[0].startswith("shrink") for op in job.ops) else 0
-            total += max(src + 8 * numel, 8 * numel + extra + out)
-        else:
-            total += src + out
-    return total
-
-
-def check_budget(plan: StreamPlan, max_memory: int | None) -> None:
-    """Refuse (ResourceError, exit 6) a plan whose estimated peak exceeds ``max_memory`` bytes."""
-    from normsurgeon.errors import ResourceError
-
-    if max_memory is not None and plan.peak_bytes > max_memory:
-        g = max(plan.groups, key=lambda g: g.peak_bytes)
-        raise ResourceError(f"the conversion needs about {plan.peak_bytes / 2**30:.2f} GiB (largest group {g.name}: "
-                            f"{g.peak_bytes / 2**30:.2f} GiB + {BASELINE_BYTES / 2**30:.2f} GiB baseline + "
-                            f"{plan.pipeline_bytes / 2**30:.2f} GiB read ahead / waiting to be written), above "
-                            f"--max-memory {max_memory / 2**30:.2f} GiB")
 
 
 def validate_options(target: str, bias_policy: str) -> None:

@@ -2,7 +2,7 @@
 planned offsets (``O_DIRECT`` where possible, see ``direct_writer.py``), and a background writer thread
 so disk writes overlap the next tensor's read and math.
 
->>> from normsurgeon.stream.plan import Output
+>>> from normsurgeon.stream.jobs import Output
 >>> import torch
 >>> [s.name for s in layout_shards([Output("w", "w", "copy", (2, 2), torch.float32)], 10**9, {})]
 ['model.safetensors']
@@ -21,7 +21,8 @@ import torch
 
 from normsurgeon.stream.direct_writer import BufferedFile, DirectFile, new_stage, open_direct
 from normsurgeon.stream.headers import DTYPE_CODES
-from normsurgeon.stream.plan import WRITE_DEPTH, Output, output_nbytes
+from normsurgeon.stream.budget import WRITE_DEPTH
+from normsurgeon.stream.jobs import Output, output_nbytes
 
 
 @dataclasses.dataclass

@@ -1,9 +1,8 @@
-"""Carry out an ``RmsPlan`` on a float64 model in place.
-
-Order: untie shared reader weights, bake embedding norms into their tables, fold each norm's gain and
-shift into its readers, centre every residual writer, swap the norms. Folding scales reader *input*
-columns and centring subtracts writer *output* means, so the two commute even for a module that is
-both (see tests/test_primitives.py).
+"""Carry out an ``RmsPlan`` on a model in memory: the conversion engine computes the output tensors
+(``normsurgeon/stream/``, the same jobs ``convert`` writes to disk), then the model's modules are rebuilt
+to the converted structure (``io.formats.rebuild_structure``, what the loader does) and the tensors
+loaded into it. Use it where a module must be rewritten in place (tests, fine-tuning set-ups); ``convert``
+writes the engine's tensors straight to shards instead.
 
 >>> import torch, transformers as T
 >>> from normsurgeon.graph.normmap import build_norm_map
@@ -18,26 +17,23 @@ from __future__ import annotations
 
 import torch
 
-from normsurgeon.module_tree import set_module
-from normsurgeon.io.formats import norm_width
-from normsurgeon.modules import CentredLayerNorm, CRMSNorm, RMSNorm
+from normsurgeon.io.formats import rebuild_structure
 from normsurgeon.transforms.plan import RmsPlan
-from normsurgeon.transforms.primitives import (bake_norm_into_table, center_tensors, center_writer,
-                                               fold_affine_into_reader,
-                                               fold_scale_into_writer, shrink_reader, shrink_writer)
+from normsurgeon.transforms.steps import DEFAULT_STEPS, STEPS  # noqa: F401  (STEPS: the registry recipes check)
 
 
-def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-def untie_output_embeddings(model: torch.nn.Module, plan: RmsPlan) -> None:
-    for reader, _ in plan.untie:
-        mod = model.get_submodule(reader)
-        mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
-    if plan.untie:
-        mark_untied(model)
+def structure_section(plan: RmsPlan, steps: list[str] | None = None) -> dict:
+    """The structural part of the output's ``normsurgeon`` config section: which modules become
+    RMSNorm / CRMSNorm, identity (baked), centred, which layers gain a bias."""
+    steps = DEFAULT_STEPS[plan.target] if steps is None else steps
+    return {
+        "rmsnorm": plan.replace if "replace_norms" in steps else {},
+        "gain_offset": plan.gain_offsets,
+        "identity": [n for n, _ in plan.bake] if "bake_embedding_norms" in steps else [],
+        "centred": plan.recentre,
+        "created_bias": sorted(set(plan.created_bias)) if "fold_norm_affine" in steps else [],
+        "crms": {"full_size": plan.hidden_size} if "shrink_residual" in steps else None,
+    }
 
 
 def mark_untied(model: torch.nn.Module) -> None:
@@ -50,106 +46,42 @@ def mark_untied(model: torch.nn.Module) -> None:
             text.tie_word_embeddings = False
 
 
-def bake_embedding_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
-    """Embedding norms: baked into their one table (BLOOM), or made to centre their output when they
-    read several tables (mBART: tokens + positions)."""
-    modules = dict(model.named_modules())
-    for norm_name, table in plan.bake:
-        bake_norm_into_table(modules[table], modules[norm_name])
-        set_module(model, norm_name, torch.nn.Identity())
-    for norm_name in plan.recentre:
-        old = modules[norm_name]
-        set_module(model, norm_name, CentredLayerNorm(norm_width(old), old.eps, getattr(old, "weight", None),
-                                                      getattr(old, "bias", None)))
-
-
-def fold_norm_affine(model: torch.nn.Module, plan: RmsPlan) -> None:
-    modules = dict(model.named_modules())
-    for f in plan.folds:
-        norm = modules[f.norm]
-        weight = getattr(norm, f.weight_attr, None)
-        bias = getattr(norm, f.bias_attr, None)
-        gain = weight.detach() + f.gain_offset if (f.fold_gain and weight is not None) else None  # (1+w) gains
-        shift = bias.detach().clone() if (f.fold_shift and bias is not None) else None
-        if not f.fold_gain:
-            continue
-        for reader, layout in f.readers:
-            fold_affine_into_reader(modules[reader], layout, gain, shift, create_bias=f.fold_shift)
-        with torch.no_grad():
-            if gain is not None:
-                weight.fill_(1.0 - f.gain_offset)  # unit gain
-            if shift is not None:
-                bias.zero_()
-
-
-def center_writers(model: torch.nn.Module, plan: RmsPlan) -> None:
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    for name, kind in plan.center:
-        if kind == "param":
-            center_writer(None, params[name])
-            continue
-        if kind.startswith("param:"):  # fused expert weights (graph/decompose.py param_product)
-            with torch.no_grad():
-                center_tensors(params[name], None, kind)
-            continue
-        scale = plan.layer_scales.get(name)
-        if scale is not None:  # gamma * W(h): fold gamma into W first (graph/layer_scale.py), gamma := 1
-            mod, gamma = modules[name], params[scale]
-            with torch.no_grad():
-                fold_scale_into_writer(mod.weight, getattr(mod, "bias", None), kind, gamma.detach())
-                gamma.fill_(1.0)
-        center_writer(modules[name])
-
-
-def replace_norms(model: torch.nn.Module, plan: RmsPlan) -> None:
-    modules = dict(model.named_modules())
-    attrs = {f.norm: (f.weight_attr, f.bias_attr, f.gain_offset) for f in plan.folds}
-    for name, eps in plan.replace.items():
-        old = modules[name]
-        w_attr, b_attr, offset = attrs.get(name, ("weight", "bias", 0.0))
-        if plan.target == "crmsnorm":
-            new: torch.nn.Module = CRMSNorm(plan.hidden_size, eps)
-        else:
-            new = RMSNorm(plan.hidden_size, eps, weight=getattr(old, w_attr, None), bias=getattr(old, b_attr, None),
-                          gain_offset=offset)
-        set_module(model, name, new)
-
-
-def shrink_residual(model: torch.nn.Module, plan: RmsPlan) -> None:
-    """Drop the redundant last residual coordinate: writers lose an output, readers an input."""
-    modules = dict(model.named_modules())
-    for name, kind in plan.center:
-        if kind == "param":
-            owner, attr = _parent(model, name)
-            shrink_writer(None, owner, attr)
-        else:
-            shrink_writer(modules[name])
-    for scale in plan.layer_scales.values():  # all ones after centring: keep d-1 of them
-        owner, attr = _parent(model, scale)
-        shrink_writer(None, owner, attr)
-    for f in plan.folds:
-        for reader, _ in f.readers:
-            shrink_reader(modules[reader])
-
-
-# The registered step handlers recipes refer to, in the order a recipe normally lists them.
-STEPS = {
-    "untie_tied_readers": untie_output_embeddings,
-    "bake_embedding_norms": bake_embedding_norms,
-    "fold_norm_affine": fold_norm_affine,
-    "center_writers": center_writers,
-    "replace_norms": replace_norms,
-    "shrink_residual": shrink_residual,
-}
-DEFAULT_STEPS = {
-    "rmsnorm": ["untie_tied_readers", "bake_embedding_norms", "fold_norm_affine", "center_writers", "replace_norms"],
-    "crmsnorm": ["untie_tied_readers", "bake_embedding_norms", "fold_norm_affine", "center_writers", "replace_norms",
-                 "shrink_residual"],
-}
-
-
 def apply_rms_plan(model: torch.nn.Module, plan: RmsPlan, steps: list[str] | None = None) -> None:
-    """Rewrite ``model`` (float64) into Pre-RMSNorm / Pre-CRMSNorm form, in place, as the plan says."""
-    for step in steps or DEFAULT_STEPS[plan.target]:
-        STEPS[step](model, plan)
+    """Rewrite ``model`` (any float dtype; the math is float64, cast once) into Pre-RMSNorm / Pre-CRMSNorm
+    form, in place, as the plan says."""
+    from normsurgeon.stream.execute import run_to_state_dict
+    from normsurgeon.stream.plan import plan_in_memory
+
+    dtype = next(model.parameters()).dtype
+    sp = plan_in_memory(model, plan.target, plan.bias_policy, dtype, steps, rms_plan=plan)
+    source = model.state_dict()
+    state = run_to_state_dict(sp, source)
+    # Copied tensors are the model's own; they must not change while the model is overwritten below.
+    live = {t.untyped_storage().data_ptr() for t in source.values()}
+    state = {k: v.clone() if v.untyped_storage().data_ptr() in live else v for k, v in state.items()}
+    if plan.untie and (steps is None or "untie_tied_readers" in steps):
+        for reader, _ in plan.untie:  # give the reader its own weight before loading the folded one
+            mod = model.get_submodule(reader)
+            mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+        mark_untied(model)
+    with torch.no_grad():
+        rebuild_structure(model, structure_section(plan, steps), {k: tuple(v.shape) for k, v in state.items()})
+    model.to(dtype)
+    _copy_into(model, state)
+
+
+def _copy_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy each tensor into the model's parameter or buffer of that name (not ``load_state_dict``, whose
+    hooks in transformers re-tie an untied head to its embedding)."""
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    missing = [k for k in own if k not in state and k in dict(model.named_parameters(remove_duplicate=False))]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise RuntimeError(f"the rebuilt model does not match the converted tensors (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for name, t in state.items():
+            if own[name].shape != t.shape:
+                raise RuntimeError(f"{name}: the rebuilt model has shape {tuple(own[name].shape)}, the converted "
+                                   f"tensor {tuple(t.shape)}")
+            own[name].copy_(t)

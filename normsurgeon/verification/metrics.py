@@ -26,23 +26,35 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def output_metrics(src_logits: torch.Tensor, conv_logits: torch.Tensor, margin: float = 0.0) -> dict:
+def output_metrics(src_logits: torch.Tensor, conv_logits: torch.Tensor, margin: float = 0.0,
+                   chunk: int = 32) -> dict:
     """Compare two logit tensors [..., classes]. ``margin``: top-1 agreement counts only positions whose
-    source top-2 gap exceeds it (a near-tie may flip within round-off)."""
-    a = src_logits.double().log_softmax(-1)
-    b = conv_logits.double().log_softmax(-1)
-    kl = (a.exp() * (a - b)).sum(-1)  # [...]
-    top_a, top_b = a.argmax(-1), b.argmax(-1)
-    two = a.topk(2, dim=-1).values if a.shape[-1] > 1 else torch.cat([a, a - 1e9], -1)
-    decided = (two[..., 0] - two[..., 1]) > margin
-    agree = (top_a == top_b)[decided]
+    source top-2 gap exceeds it (a near-tie may flip within round-off). Positions are compared ``chunk``
+    at a time, so the float64 copies stay small whatever the vocabulary."""
+    classes = src_logits.shape[-1]
+    a_all, b_all = src_logits.reshape(-1, classes), conv_logits.reshape(-1, classes)  # [positions, classes]
+    n = a_all.shape[0]
+    max_lp = max_logit = kl_sum = 0.0
+    agree = decided = agree_all = 0
+    for i in range(0, n, chunk):
+        a = a_all[i:i + chunk].double().log_softmax(-1)
+        b = b_all[i:i + chunk].double().log_softmax(-1)
+        kl_sum += (a.exp() * (a - b)).sum().item()
+        top_a, top_b = a.argmax(-1), b.argmax(-1)
+        two = a.topk(2, dim=-1).values if classes > 1 else torch.cat([a, a - 1e9], -1)
+        ok = (two[..., 0] - two[..., 1]) > margin
+        agree += int((top_a == top_b)[ok].sum())
+        decided += int(ok.sum())
+        agree_all += int((top_a == top_b).sum())
+        max_lp = max(max_lp, (a - b).abs().max().item())
+        max_logit = max(max_logit, (a_all[i:i + chunk].double() - b_all[i:i + chunk].double()).abs().max().item())
     return {
-        "max_abs_logprob": (a - b).abs().max().item(),
-        "mean_kl": kl.mean().clamp_min(0).item(),
-        "top1_agreement": agree.double().mean().item() if agree.numel() else 1.0,
-        "top1_agreement_all": (top_a == top_b).double().mean().item(),
-        "max_abs_logit": (src_logits.double() - conv_logits.double()).abs().max().item(),
-        "positions": int(top_a.numel()),
+        "max_abs_logprob": max_lp,
+        "mean_kl": max(kl_sum / max(n, 1), 0.0),
+        "top1_agreement": agree / decided if decided else 1.0,
+        "top1_agreement_all": agree_all / max(n, 1),
+        "max_abs_logit": max_logit,
+        "positions": int(n),
     }
 
 
@@ -57,9 +69,24 @@ def residual_error(src: torch.Tensor, conv: torch.Tensor) -> dict:
     return {"resid_rel_l2": err.item(), "resid_cosine": cos.item()}
 
 
-def judge(metrics: dict, dtype: str) -> dict:
-    """Attach thresholds and pass/fail per metric."""
-    th = THRESHOLDS.get(dtype, THRESHOLDS["float32"])
+def cast_thresholds(dtype: str, cast: dict) -> dict:
+    """Thresholds for a conversion that also casts to ``dtype``: the dtype's own, or twice what the cast
+    alone does to the source (``cast``: its metrics), whichever is looser. The conversion is judged
+    against the cast, because no exact rewrite can beat rounding its own weights.
+
+    >>> cast_thresholds("bfloat16", {"max_abs_logprob": 0.2, "mean_kl": 1e-4, "top1_agreement": 0.97})
+    {'max_abs_logprob': 0.4, 'mean_kl': 0.01, 'top1_agreement': 0.94}
+    """
+    th = dict(THRESHOLDS.get(dtype, THRESHOLDS["float32"]))
+    th["max_abs_logprob"] = max(th["max_abs_logprob"], 2 * cast["max_abs_logprob"])
+    th["mean_kl"] = max(th["mean_kl"], 2 * cast["mean_kl"])
+    th["top1_agreement"] = round(min(th["top1_agreement"], 1 - 2 * (1 - cast["top1_agreement"])), 12)
+    return th
+
+
+def judge(metrics: dict, dtype: str, thresholds: dict | None = None) -> dict:
+    """Attach thresholds and pass/fail per metric (``thresholds``: per-metric overrides of the dtype's)."""
+    th = {**THRESHOLDS.get(dtype, THRESHOLDS["float32"]), **(thresholds or {})}
     out = {}
     for name, value in metrics.items():
         if name in th:

@@ -97,15 +97,25 @@ def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches:
     return {"metrics": agg, "per_layer": per_layer, "positions": positions}
 
 
-def logprob_gap(a: torch.nn.Module, b: torch.nn.Module, batches: list[dict]) -> float:
-    """max |log-prob(a) - log-prob(b)|, each model run in its own dtype."""
+def model_output(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The output tensor of ``model`` on ``batch`` (no cache; torch's default dtype follows a float64 model)."""
+    with default_dtype_for(model):
+        return _output_tensor(model(**_no_cache(model, batch)))
+
+
+def roundoff_gap(model: torch.nn.Module, batches: list[dict]) -> float:
+    """max |log-prob(model in float64) - log-prob(model in its dtype)|: the model's own round-off on these
+    inputs, with the float64 side computed module by module (``roundoff.float64_forward``), not on a copy."""
+    from normsurgeon.verification.roundoff import float64_logprobs
+
+    def run(m: torch.nn.Module, x: dict) -> torch.Tensor:
+        return _output_tensor(m(**_no_cache(m, x)))
+
     gap = 0.0
+    dt = next(model.parameters()).dtype
     for batch in batches:
-        outs = []
-        for m in (a, b):
-            dt = next(m.parameters()).dtype
-            x = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in batch.items()}
-            with torch.no_grad(), default_dtype_for(m):
-                outs.append(_output_tensor(m(**_no_cache(m, x))).double().log_softmax(-1))
-        gap = max(gap, (outs[0] - outs[1]).abs().max().item())
+        x = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in batch.items()}
+        with torch.no_grad(), default_dtype_for(model):
+            native = run(model, x).double().log_softmax(-1)
+        gap = max(gap, (float64_logprobs(model, batch, run) - native).abs().max().item())
     return gap
