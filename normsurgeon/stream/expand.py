@@ -55,6 +55,13 @@ def check_alike(plan: RmsPlan, exp: Expander) -> None:
         return exp.template(x)[0] if isinstance(x, str) else tuple(templ(y) for y in x) if isinstance(x, tuple) else x
 
     per_block: dict[tuple, set] = {}
+    for f in plan.folds:  # a norm outside the blocks read in several (an encoder's final norm, cross-attention)
+        if exp.template(f.norm)[1] == () and len({exp.template(r)[1] for r, _ in f.readers} - {()}) > 1:
+            items.remove(("fold", f.norm, tuple(r for r in f.readers), f.fold_gain, f.fold_shift))
+            for r, lay in f.readers:
+                block = exp.template(r)[1]
+                if block:
+                    per_block.setdefault(block, set()).add(repr(("cross-fold", f.norm, templ(r), lay)))
     for item in items:
         names = flat(item[1:])
         blocks = {exp.template(n)[1] for n in names} - {()}
@@ -85,6 +92,10 @@ def expand_plan(plan: RmsPlan, exp: Expander) -> RmsPlan:
     for f in plan.folds:
         norms = one(f.norm)
         reader_lists = [one(r) for r, _ in f.readers]
+        if len(norms) == 1:  # one norm (outside the blocks): every expanded reader reads it
+            readers = [(r, lay) for rl, (_, lay) in zip(reader_lists, f.readers) for r in rl]
+            folds.append(dataclasses.replace(f, norm=norms[0], readers=readers))
+            continue
         for i, norm in enumerate(norms):
             readers = [(rl[i] if len(rl) == len(norms) else rl[0], lay) for rl, (_, lay) in zip(reader_lists, f.readers)]
             folds.append(dataclasses.replace(f, norm=norm, readers=readers))

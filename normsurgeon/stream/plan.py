@@ -201,7 +201,8 @@ def plan_streaming(source: str | Path, target: str = "rmsnorm", bias_policy: str
     for pn, info in probe_norms.items():
         for fn in exp(pn):
             f = next(x for x in plan.folds if x.norm == fn)
-            missing = [full_r for (full_r, _), r in zip(f.readers, info.readers) if not r.has_bias]
+            bias_of = {full_r: r.has_bias for r in info.readers for full_r in exp(r.name)}
+            missing = [full_r for full_r, _ in f.readers if not bias_of.get(full_r, True)]
             fold_facts[fn] = {"readers": f.readers, "reads_output": info.reads_output, "missing": missing,
                               "attrs": {"weight_attr": f.weight_attr, "bias_attr": f.bias_attr,
                                         "gain_offset": f.gain_offset},
