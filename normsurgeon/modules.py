@@ -1,4 +1,5 @@
-"""Runtime modules that converted models use: RMSNorm with optional affine, and CRMSNorm.
+"""Runtime modules that converted models use: RMSNorm with optional affine, CRMSNorm, the centred
+LayerNorm of baked embedding norms, and Dynamic Tanh (``DyT``, documented in ``normsurgeon.lnfree.dyt``).
 
 ``RMSNorm`` here keeps the parameter names of the LayerNorm it replaces (``weight``, ``bias``) so a
 converted checkpoint has the same keys as its source and loads into the stock class as well.
@@ -23,20 +24,36 @@ import torch.nn.functional as F
 _IMPLS = ("auto", "rms", "layernorm-kernel")
 
 
-class RMSNorm(torch.nn.Module):
+class RMSNorm(torch.nn.RMSNorm):
     """y = x / sqrt(mean(x^2) + eps) * (weight + gain_offset) + bias, over the last axis (weight, bias
     optional). ``gain_offset=1`` keeps the stored weight's meaning of a ``(1 + w)`` source norm (Nemotron's
-    LayerNorm1P), so the checkpoint still loads in the stock class."""
+    LayerNorm1P), so the checkpoint still loads in the stock class.
+
+    A subclass of ``torch.nn.RMSNorm`` (same ``normalized_shape``, ``eps``, ``weight``), so tools that
+    accept a model's norms by type (quantizers' norm fusion) take it; it adds the optional ``bias`` and
+    ``gain_offset`` and the per-device kernel choice. State-dict keys: ``weight`` and ``bias`` where set.
+    ``elementwise_affine`` is True exactly when there is a ``weight``.
+
+    >>> n = RMSNorm(4, 1e-6, weight=torch.full((4,), 2.0), bias=torch.zeros(4), impl="rms")
+    >>> isinstance(n, torch.nn.RMSNorm), sorted(n.state_dict()), n.elementwise_affine
+    (True, ['bias', 'weight'], True)
+    >>> x = torch.randn(3, 4, dtype=torch.float64)
+    >>> bool(torch.allclose(n.double()(x), 2 * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()))
+    True
+    """
 
     def __init__(self, size: int, eps: float, weight: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, impl: str = "auto", gain_offset: float = 0.0):
-        super().__init__()
         if impl not in _IMPLS:
             raise ValueError(f"impl must be one of {_IMPLS}")
-        self.normalized_shape = (size,)
+        # elementwise_affine=False: torch registers ``weight`` as None; the given gain is set below, with
+        # its own dtype and device (torch.nn.RMSNorm would make a float32 ones vector first).
+        super().__init__(int(size), eps=float(eps), elementwise_affine=False)
+        self.normalized_shape = (int(size),)
         self.eps = float(eps)
         self.impl = impl
         self.gain_offset = float(gain_offset)
+        self.elementwise_affine = weight is not None
         self.weight = torch.nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = torch.nn.Parameter(bias.detach().clone()) if bias is not None else None
 
@@ -47,6 +64,13 @@ class RMSNorm(torch.nn.Module):
             return F.layer_norm(x, self.normalized_shape, gain, self.bias, self.eps)
         y = F.rms_norm(x, self.normalized_shape, gain, self.eps)
         return y + self.bias if self.bias is not None else y
+
+    def reset_parameters(self) -> None:
+        """Unit gain, zero shift (torch.nn.RMSNorm's reset, extended to the bias)."""
+        if self.weight is not None:
+            torch.nn.init.ones_(self.weight)
+        if getattr(self, "bias", None) is not None:
+            torch.nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         offset = f", gain_offset={self.gain_offset}" if self.gain_offset else ""
@@ -109,3 +133,30 @@ class CentredLayerNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape[0]}, eps={self.eps}, centred output"
+
+
+class DyT(torch.nn.Module):
+    """Dynamic Tanh: ``tanh(alpha * x) * weight + bias`` with a learnable scalar ``alpha`` (``lnfree/dyt.py``)."""
+
+    def __init__(self, size: int, alpha0: float = 0.5, weight: bool = True, bias: bool = True,
+                 weight_attr: str = "weight", bias_attr: str = "bias"):
+        super().__init__()
+        self.size = int(size)
+        self.weight_attr, self.bias_attr = weight_attr, bias_attr
+        self.alpha = torch.nn.Parameter(torch.full((), float(alpha0)))
+        if weight:
+            setattr(self, weight_attr, torch.nn.Parameter(torch.ones(size)))
+        if bias:
+            setattr(self, bias_attr, torch.nn.Parameter(torch.zeros(size)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.alpha * x)  # [..., d]
+        w, b = getattr(self, self.weight_attr, None), getattr(self, self.bias_attr, None)
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, alpha={float(self.alpha):.4g}"

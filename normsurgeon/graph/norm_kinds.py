@@ -74,6 +74,10 @@ def classify_norm(module: torch.nn.Module) -> NormKind | None:
                             module.bias is not None, name)
         return NormKind("layernorm", module.normalized_shape[0], module.eps, module.weight is not None,
                         getattr(module, "bias", None) is not None, name)
+    if isinstance(module, torch.nn.RMSNorm) and type(module) is not torch.nn.RMSNorm \
+            and len(module.normalized_shape) == 1 and module.weight is not None:
+        # A subclass may hold a shift or a (1 + w) gain (normsurgeon.modules.RMSNorm): probe it.
+        return _probe_roles(module, module.weight, getattr(module, "bias", None))
     if isinstance(module, torch.nn.RMSNorm):
         size = module.normalized_shape[0] if len(module.normalized_shape) == 1 else None
         eps = module.eps if module.eps is not None else None

@@ -3,12 +3,22 @@
 ``plan_rms_conversion`` reads a ``NormMap`` and either returns a ``RmsPlan`` (every action named) or
 raises ``UnsupportedModel`` listing each structure that blocks an exact conversion.
 
+A model that already normalises its residual stream with RMSNorm (Llama, Qwen, Mistral; Gemma's ``(1+w)``
+norms) is not centred (that would change its function): its plan folds every pre/final norm's gain into the
+readers, leaving unit-gain ("weightless") RMSNorms of the stock class (Gemma: ``w = 0``), so the result
+loads in stock transformers. ``RmsPlan.source_family`` says which kind of plan it is.
+
 >>> import torch, transformers as T
 >>> from normsurgeon.graph.normmap import build_norm_map
 >>> m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
 >>> plan = plan_rms_conversion(m, build_norm_map(m), "rmsnorm")
 >>> plan.untie
 [('lm_head', 'transformer.wte')]
+>>> llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+...     num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)).eval()
+>>> rp = plan_rms_conversion(llama, build_norm_map(llama), "rmsnorm")
+>>> rp.source_family, rp.center, [f.norm for f in rp.folds if f.fold_gain], rp.untie, rp.stock_loadable
+('rmsnorm', [], ['model.layers.0.input_layernorm', 'model.layers.0.post_attention_layernorm', 'model.norm'], [('lm_head', 'model.embed_tokens')], True)
 """
 from __future__ import annotations
 
@@ -52,6 +62,11 @@ class RmsPlan:
     notes: list[str]
     layer_scales: dict[str, str] = dataclasses.field(default_factory=dict)  # writer -> its layer-scale param
     recentre: list[str] = dataclasses.field(default_factory=list)  # embedding norms over several tables
+    # "layernorm": Pre-LN source (writers centred, norms replaced); "rmsnorm": the source already uses RMSNorm
+    # (gains folded into readers only: nothing centred, the norms stay the stock class with unit gain)
+    source_family: str = "layernorm"
+    # every residual writer (name, kind), centred or not: what a rotation of the stream must rewrite
+    writers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def stock_loadable(self) -> bool:
@@ -81,12 +96,8 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
                             (f" ({len(nm.opaque_terms)} such terms)" if len(nm.opaque_terms) > 1 else ""),
                             "no-stream")]
         return [Refusal("no norm on the residual stream was found", "no-stream")]
-    fams = {n.kind.family for n in res}
-    if fams <= {"rmsnorm", "rmsnorm_offset"}:
-        kinds = sorted({n.kind.class_name for n in res})
-        offset = " (offset (1+w) gains)" if "rmsnorm_offset" in fams else ""
-        return [Refusal(f"the model already uses RMSNorm{offset} ({', '.join(kinds)}): nothing to convert; "
-                        "centering an RMSNorm model's residual is not function-preserving", "already-rms")]
+    if is_rms_source(nm):
+        return rms_refusal_reasons(nm, target)
     for n in res:
         if n.kind.family != "layernorm":
             reasons.append(Refusal(f"`{n.name}` is a {n.kind.family} ({n.kind.class_name}) mixed with LayerNorms",
@@ -138,6 +149,46 @@ def refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
             if n.reads_output:
                 reasons.append(Refusal(f"`{n.name}`'s output is a model output; Pre-CRMSNorm would change its width",
                                        "crms-output", n.name))
+    return list(dict.fromkeys(reasons))
+
+
+def is_rms_source(nm: NormMap) -> bool:
+    """Every norm on the residual stream is an RMSNorm (gain w or (1+w)): the model is already Pre-RMSNorm."""
+    fams = {n.kind.family for n in nm.residual_norms}
+    return bool(fams) and fams <= {"rmsnorm", "rmsnorm_offset"}
+
+
+def rms_refusal_reasons(nm: NormMap, target: str) -> list[Refusal]:
+    """What blocks folding an RMSNorm model's gains into its readers. Nothing is centred, so the writers
+    and the raw-stream reads do not matter; only norms whose gain acts on the stream itself (Post-LN,
+    Peri-LN output norms, embedding norms), norms called twice and Pre-CRMSNorm (which needs a zero-mean
+    stream) do."""
+    res = nm.residual_norms
+    if target == "crmsnorm":
+        kinds = sorted({n.kind.class_name for n in res})
+        return [Refusal(f"the model already uses RMSNorm ({', '.join(kinds)}): Pre-CRMSNorm needs a zero-mean "
+                        "residual stream, and centring an RMSNorm model's stream is not function-preserving "
+                        "(use --to rmsnorm to fold the gains)", "already-rms")]
+    reasons: list[Refusal] = []
+    for n in res:
+        if n.role == "post":
+            reasons.append(Refusal(f"Post-LN: `{n.name}` normalizes the residual stream itself (its output is the "
+                                   "stream), so its gain cannot be moved into the weights", "post", n.name))
+        elif n.role == "output":
+            reasons.append(Refusal(f"`{n.name}` normalizes a sublayer output before it is added to the residual "
+                                   "(Peri-LN/sandwich): its gain cannot be moved into the weights", "output", n.name))
+        elif n.role == "embedding":
+            reasons.append(Refusal(f"`{n.name}` is an RMSNorm on the embeddings: its gain writes the residual "
+                                   "stream and cannot be moved into the weights", "embedding-gain", n.name))
+        elif n.role in ("pre", "final"):
+            reasons.extend(Refusal(f"`{n.name}`: {p}", "norm", n.name) for p in n.problems)
+        if n.calls > 1:
+            reasons.append(Refusal(f"`{n.name}` is called {n.calls} times in one forward pass", "calls", n.name))
+    if nm.other_norm_ops:
+        reasons.append(Refusal("functional norm calls outside any module (" + ", ".join(nm.other_norm_ops) +
+                               "): the map cannot see what they normalize", "functional"))
+    if not nm.by_role("pre"):
+        reasons.append(Refusal("no Pre-LN norm was found (no norm reads the residual stream before a block)", "no-pre"))
     return list(dict.fromkeys(reasons))
 
 
@@ -193,6 +244,8 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
     reasons = refusal_reasons(nm, target)
     if reasons:
         raise UnsupportedModel(summarize(nm.model_class, target, reasons), {"reasons": list(reasons)})
+    if is_rms_source(nm):
+        return _plan_rms_fold(model, nm, target, bias_policy)
     modules = dict(model.named_modules())
     policy = "fold-all" if target == "crmsnorm" else bias_policy
     notes: list[str] = []
@@ -253,4 +306,68 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
         notes.append(f"{len(recentre)} embedding norm(s) over several tables centre their output "
                      f"(CentredLayerNorm; load with normsurgeon.load): {', '.join(recentre)}")
     return RmsPlan(target, policy, int(nm.hidden_size), untie, bake, center, folds, replace, created,
-                   kept_shift, kept_gain, notes, scales, recentre)
+                   kept_shift, kept_gain, notes, scales, recentre, "layernorm", list(center))
+
+
+def _owners(model: torch.nn.Module) -> dict[int, list[str]]:
+    """id(weight) -> the modules whose ``weight`` it is (more than one when tied)."""
+    found: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.nn.Parameter):
+            found.setdefault(id(w), []).append(name)
+    return found
+
+
+def _plan_rms_fold(model: torch.nn.Module, nm: NormMap, target: str, bias_policy: str) -> RmsPlan:
+    """An RMSNorm model: fold each pre/final norm's gain (``w`` or ``1 + w``) into its readers.
+
+    Nothing is centred and no norm is replaced: the stock norm keeps computing RMSNorm with unit gain
+    (``w := 1``, Gemma ``w := 0``), which is exact whatever the stream's mean. A reader whose weight is
+    shared with another module (a head tied to the embedding) is untied first."""
+    modules = dict(model.named_modules())
+    owners = _owners(model)
+    writers = [(w.name, w.kind) for w in nm.writers]
+    seen_readers: dict[str, str] = {}
+    folds, untie, created, kept_shift, kept_gain, notes = [], [], [], [], [], []
+    for n in nm.by_role("pre", "final"):
+        readers = [(r.name, r.layout) for r in n.readers]
+        offset = 1.0 if n.kind.family == "rmsnorm_offset" else n.kind.gain_offset
+        attrs = {"weight_attr": n.kind.weight_attr, "bias_attr": n.kind.bias_attr, "gain_offset": offset}
+        shift = getattr(modules[n.name], n.kind.bias_attr, None) if n.kind.has_bias else None
+        has_shift = shift is not None and bool(torch.any(shift != 0))
+        weight = getattr(modules[n.name], n.kind.weight_attr, None) if n.kind.has_weight else None
+        if weight is None:  # a weightless RMSNorm: nothing to fold
+            folds.append(Fold(n.name, readers, False, False, "the norm has no gain", **attrs))
+            continue
+        if n.keep_affine:  # the gain stays on the (unchanged) norm: still exact
+            folds.append(Fold(n.name, readers, False, False, f"{n.keep_affine[0]}; the gain stays on the norm",
+                              **attrs))
+            kept_gain.append(n.name)
+            if has_shift:
+                kept_shift.append(n.name)
+            continue
+        for r, _ in readers:
+            if r in seen_readers:
+                raise UnsupportedModel(f"`{r}` reads both `{seen_readers[r]}` and `{n.name}`")
+            seen_readers[r] = n.name
+            others = [o for o in owners.get(id(modules[r].weight), []) if o != r]
+            if others:
+                untie.append((r, others[0]))
+        missing = [r.name for r in n.readers if not r.has_bias]
+        fold, made = decide_fold(n.name, readers, n.reads_output, has_shift, missing, bias_policy, attrs)
+        folds.append(fold)
+        created.extend(made)
+        if not fold.fold_gain:
+            kept_gain.append(n.name)
+            if has_shift:
+                kept_shift.append(n.name)
+    if untie:
+        extra = sum(modules[r].weight.numel() for r, _ in untie)
+        notes.append(f"untied {', '.join(r for r, _ in untie)} from {untie[0][1]}: +{extra:,} parameters")
+    folded = sum(f.fold_gain for f in folds)
+    notes.append(f"the model already uses RMSNorm: folded {folded} gain(s) into their readers (unit-gain norms of "
+                 "the stock class); nothing centred")
+    # layer scales stay as they are (nothing is centred; a rotation of the stream folds them itself)
+    return RmsPlan(target, bias_policy, int(nm.hidden_size), untie, [], [], folds, {}, created, kept_shift,
+                   kept_gain, notes, {}, [], "rmsnorm", writers)
