@@ -90,18 +90,21 @@ def main() -> None:
 
 
 def write_table(results: list[dict], out: Path) -> None:
-    rows = ["| scheme | seed | eval loss | E[h²] L/1 init | E[h²] L/1 final | max top1/median final | "
-            "block gn max/min | FFN gn max/min | FFN gn CV | ang deep/shallow | removal Δ deep half | train s |",
-            "|" + "---|" * 12]
+    from normsurgeon.markdown import md_table
+
+    head = ["scheme", "seed", "eval loss", "E[h²] L/1 init", "E[h²] L/1 final", "max top1/median final",
+            "block gn max/min", "FFN gn max/min", "FFN gn CV", "ang deep/shallow", "removal Δ deep half", "train s"]
+    body = []
     for r in results:
         s0, s1 = r["init"]["summary"], r["final"]["summary"]
-        rows.append(f"| {r['scheme']} | {r['seed']} | {r['eval_loss']:.3f} | {s0['second_moment_last_over_first']:.3g} | "
-                    f"{s1['second_moment_last_over_first']:.3g} | {s1['max_massive_ratio']:.3g} | "
-                    f"{s1['grad_norm_max_over_min']:.3g} | {s1['ffn_grad_norm_max_over_min']:.3g} | "
-                    f"{s1['ffn_grad_norm_cv']:.3g} | {s1['angular_deep_over_shallow']:.3g} | "
-                    f"{s1['removal_mean_deep_half']:+.4f} | {r['train_s']:.0f} |")
-    (out / "table.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+        body.append([r["scheme"], r["seed"], f"{r['eval_loss']:.3f}", f"{s0['second_moment_last_over_first']:.3g}",
+                     f"{s1['second_moment_last_over_first']:.3g}", f"{s1['max_massive_ratio']:.3g}",
+                     f"{s1['grad_norm_max_over_min']:.3g}", f"{s1['ffn_grad_norm_max_over_min']:.3g}",
+                     f"{s1['ffn_grad_norm_cv']:.3g}", f"{s1['angular_deep_over_shallow']:.3g}",
+                     f"{s1['removal_mean_deep_half']:+.4f}", f"{r['train_s']:.0f}"])
+    table = md_table(head, body)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
 
 
 def write_plots(results: list[dict], out: Path) -> None:
@@ -120,8 +123,11 @@ def write_plots(results: list[dict], out: Path) -> None:
     ax[0].set(yscale="log", xlabel="block", ylabel="E[h²] of block output", title="hidden-state second moment (trained)")
     ax[1].set(yscale="log", xlabel="block", ylabel="‖∇ block params‖", title="block gradient norms (trained, held-out)")
     ax[2].set(yscale="log", xlabel="block", ylabel="E[h²]", title="hidden-state second moment (init)")
+    from matplotlib.ticker import MaxNLocator
+
     for a in ax:
         a.legend(fontsize=8)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "depth_profiles.png", dpi=110)
     plt.close(fig)
@@ -131,6 +137,7 @@ def write_plots(results: list[dict], out: Path) -> None:
         v = r["train_loss"]
         ax.plot([sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))], label=r["scheme"])
     ax.set(xlabel="step", ylabel="train loss (10-step mean)", title="training curves")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "training_curves.png", dpi=110)

@@ -175,6 +175,9 @@ def main() -> None:
     # tied lm_head.weight is not stored separately.
     model.save_pretrained(out)
     assert (out / "model.safetensors").is_file()
+    from build_byte_tokenizer import write as write_tokenizer  # examples/: id == byte value, bos = newline
+
+    write_tokenizer(out)
 
     record = {
         "model": {
@@ -246,9 +249,12 @@ biases and LayerNorm), used as the embedded example model of `normsurgeon`.
 
 * 4 layers, 4 heads, width 128, context 256, GELU MLP (4x), tied embeddings,
   {params:,} parameters, float32 safetensors.
-* Vocabulary: the 256 byte values. There is no tokenizer: encode text with
-  `list(text.encode("utf-8"))` and decode with `bytes(ids).decode("utf-8", "replace")`.
-  There are no special tokens.
+* Vocabulary: the 256 byte values, token id == byte value, no special tokens. The
+  byte-level `tokenizer.json` (written by `examples/build_byte_tokenizer.py`) encodes
+  exactly that, so `AutoTokenizer` and `pipeline("text-generation", model=...)` work;
+  by hand: `list(text.encode("utf-8"))` and `bytes(ids).decode("utf-8", "replace")`.
+  Generation without a prompt starts from a newline (`bos_token_id` 10); nothing
+  marks an end (no `eos_token_id`), so it stops at `max_new_tokens`.
 * Corpus: the `.py` files of the Python {py} standard library (skipping
   `test`/`tests`, `idlelib`, `lib2to3`, `site-packages`), split by file:
   {train_files} files / {train_bytes:,} bytes for training, every 20th file

@@ -1,7 +1,8 @@
 """A tiny CNN with BatchNorm for the 8x8 digits images bundled with scikit-learn.
 
 ``pretrained()`` loads the shipped ``model.safetensors`` (trained by ``train.py``), so it can be used as a
-normsurgeon factory from the repository root::
+normsurgeon factory from the repository root (factories resolve from the current folder; elsewhere put the
+repository root on the path: ``PYTHONPATH=/path/to/normsurgeon normsurgeon fold-bn ...``)::
 
     normsurgeon fold-bn examples.tiny_cnn.model:pretrained -o /tmp/tiny_cnn_folded --input-shape 8,1,8,8
 """

@@ -7,6 +7,8 @@ Folder layout::
     OUT/deploy/model.safetensors  deploy form weights (BN modules gone; load with normsurgeon)
     OUT/deploy/model.pt2        torch.export program of the deploy form
     OUT/equivalence_report.json / .md
+    OUT/normsurgeon_recipe.yaml  the resolved settings and the fold plan
+    OUT/README.md               the model card (io/model_card.py)
 
 >>> import tempfile, pathlib
 >>> out = pathlib.Path(tempfile.mkdtemp()) / "o"
@@ -123,11 +125,55 @@ def _fold_bn(ref: str, out: Path, dest, input_shape: tuple[int, ...] | None, ima
         write_safetensors(result.deploy.state_dict(), tmp / "deploy", max_shard_bytes=5 * 10**9)
         if export:
             report["deploy_export"] = export_program(result.deploy, args, kwargs, tmp / "deploy" / "model.pt2")
+            if report["deploy_export"].get("file"):  # paths in the report are relative to the output folder
+                report["deploy_export"]["file"] = "deploy/model.pt2"
         copy_tagalong_files(loaded.path, tmp)
+        write_settings(tmp, ref, report, input_shape=list(input_shape) if input_shape else None,
+                       image_size=image_size, batch_size=batch_size, seed=seed, export=export,
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         write_report(report, tmp)
         with open(tmp / "equivalence_report.md", "a") as f:
             f.write(units_markdown(result.entries))
+        _write_card(tmp, out, ref, loaded, report, result, export, section)
     return report
+
+
+SETTINGS = "normsurgeon_recipe.yaml"  # the name convert uses for its resolved recipe and plan
+
+
+def write_settings(folder: Path, ref: str, report: dict, **settings) -> None:
+    """The resolved settings and the fold plan (every unit: folded, merged or left, and into what) beside the
+    weights, as ``convert`` writes its resolved recipe."""
+    import yaml
+
+    from normsurgeon.version import __version__
+
+    doc = {"command": "fold-bn", "normsurgeon_version": __version__, "source": ref, "settings": settings,
+           "plan": report["batchnorm"]}
+    doc = json.loads(json.dumps(doc, default=str))  # plain YAML types only
+    (folder / SETTINGS).write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _write_card(tmp: Path, out: Path, ref: str, loaded, report: dict, result: FoldResult, export: bool,
+                section: dict) -> None:
+    from normsurgeon.io.model_card import write_model_card
+
+    c = result.counts
+    done = [f"every eval-mode BatchNorm the dataflow connects to a conv/linear folded into it: {c['folded']} folded, "
+            f"{c['merged']} merged (re-parameterized branches), {c['left']} left (reasons in "
+            "`equivalence_report.md`)",
+            "top level: the stock form (the source class; each folded BatchNorm is an exact identity)",
+            "`deploy/`: the deploy form (BatchNorm modules gone)" + (", and `deploy/model.pt2`, its `torch.export` "
+                                                                      "program" if export else "")]
+    stock_hf = "factory" not in section and (tmp / "config.json").is_file()
+    path = json.dumps(str(out))
+    notes = [f"`normsurgeon.load({path}).model` gives the deploy form; `normsurgeon.load({path}, stock=True).model` "
+             "the stock form" + (f" (rebuilt from the factory `{ref}`)" if not stock_hf else "")]
+    if export:
+        notes.append(f"`torch.export.load({json.dumps(str(out / 'deploy' / 'model.pt2'))}).module()` runs the deploy "
+                     "program")
+    write_model_card(tmp, ref, loaded.path, "fold-bn", report, stock_hf, done, output_path=str(out),
+                     loading_notes=notes)
 
 
 def _warnings(result: FoldResult, check: dict) -> list[str]:
@@ -156,8 +202,9 @@ def _lead_metrics(check: dict) -> dict:
 
 
 def units_markdown(entries: list[dict]) -> str:
-    lines = ["", "## BatchNorm units", "", "| unit | kind | action | into | stock form / reason |", "|---|---|---|---|---|"]
-    for e in entries:
-        last = e.get("reason") if e["action"] == "left" else e.get("stock")
-        lines.append(f"| `{e['name']}` | {e['kind']} | {e['action']} | {e.get('into') or '—'} | {last} |")
-    return "\n".join(lines) + "\n"
+    from normsurgeon.markdown import md_code, md_table
+
+    rows = [[md_code(e["name"]), e["kind"], e["action"], e.get("into") or "—",
+             e.get("reason") if e["action"] == "left" else e.get("stock")] for e in entries]
+    table = md_table(["unit", "kind", "action", "into", "stock form / reason"], rows)
+    return "\n".join(["", "## BatchNorm units", "", table]) + "\n"

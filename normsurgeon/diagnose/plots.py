@@ -29,24 +29,26 @@ def write_plots(d: Diagnosis, folder: Path, title: str = "") -> tuple[list[str],
     layers = [x["layer"] for x in d.layers]
     states = [0] + layers
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
     ax[0].plot(states, [d.embedding["second_moment"]] + [x["second_moment"] for x in d.layers], "o-", label="E[h²]")
     ax[0].plot(states, [d.embedding["variance"]] + [x["variance"] for x in d.layers], "s--", label="Var[h]")
-    ax[0].set(yscale="log", xlabel="state (0 = embeddings, l = output of block l)", title="hidden-state moments")
+    ax[0].set(yscale="log", xlabel="state (0 = embeddings, l = output of block l)", ylabel="moment (log scale)",
+              title="hidden-state moments")
     ax[0].legend()
     ax[1].plot(states, [d.embedding["top_abs"][0]] + [x["top_abs"][0] for x in d.layers], "o-", label="top-1 |h|")
     ax[1].plot(states, [d.embedding["median_abs"]] + [x["median_abs"] for x in d.layers], "s--", label="median |h|")
-    ax[1].set(yscale="log", xlabel="state", title="massive activations")
+    ax[1].set(yscale="log", xlabel="state (0 = embeddings, l = output of block l)", ylabel="|h| (log scale)",
+              title="massive activations")
     ax[1].legend()
     written.append(_save(fig, folder / "activations.png", title, plt))
 
     if "grad_norm_block" in d.layers[0]:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
         ax.plot(layers, [x["grad_norm_block"] for x in d.layers], "o-", label="whole block")
         if all(x.get("grad_norm_ffn") is not None for x in d.layers):
             ax.plot(layers, [x["grad_norm_ffn"] for x in d.layers], "s--", label="FFN weights")
         ax.plot(layers, [x["grad_norm_input"] for x in d.layers], "^:", label="dL/d(block input)")
-        ax.set(yscale="log", xlabel="block", title="gradient norms")
+        ax.set(yscale="log", xlabel="block", ylabel="gradient L2 norm (log scale)", title="gradient norms per block")
         ax.legend()
         written.append(_save(fig, folder / "gradients.png", title, plt))
 
@@ -57,15 +59,17 @@ def write_plots(d: Diagnosis, folder: Path, title: str = "") -> tuple[list[str],
     for n in range(1, L + 1):
         for l in range(0, L + 1 - n):
             grid[n - 1, l] = d.angular[l][l + n]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0,
                    extent=(-0.5, L + 0.5, 0.5, L + 0.5))
     fig.colorbar(im, ax=ax, label="angular distance / π (last token)")
-    ax.set(xlabel="state l", ylabel="n (blocks skipped)", title="d(x_l, x_{l+n})")
+    ax.set(xlabel="state l (0 = embeddings)", ylabel="n (blocks skipped)",
+           title=r"angular distance $d(x_l,\ x_{l+n})$ between block states")
+    ax.yaxis.set_major_locator(_integer_ticks())
     written.append(_save(fig, folder / "angular.png", title, plt))
 
     if "removal_delta_loss" in d.layers[0]:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
         vals = [x["removal_delta_loss"] for x in d.layers]
         ax.bar(layers, vals, color=["tab:red" if v > 0 else "tab:gray" for v in vals])
         ax.set(xlabel="block removed (replaced by identity)", ylabel="Δ loss (nats/token)",
@@ -75,7 +79,7 @@ def write_plots(d: Diagnosis, folder: Path, title: str = "") -> tuple[list[str],
         written.append(_save(fig, folder / "removal.png", title, plt))
 
     if d.spikes:
-        fig, ax = plt.subplots(figsize=(8, 3.4))
+        fig, ax = plt.subplots(figsize=(9, 4.2))
         for key, style in (("loss", "-"), ("grad_norm", "-")):
             s = d.spikes.get(key)
             if not s:
@@ -89,13 +93,19 @@ def write_plots(d: Diagnosis, folder: Path, title: str = "") -> tuple[list[str],
     return written, None
 
 
-def _save(fig, path: Path, title: str, plt) -> str:
+def _integer_ticks():
     from matplotlib.ticker import MaxNLocator
 
+    return MaxNLocator(integer=True)
+
+
+def _save(fig, path: Path, title: str, plt) -> str:
+    """Integer ticks on every x axis (blocks, states, steps), the model as the figure's title, 110 dpi."""
     for ax in fig.axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_label() != "<colorbar>":
+            ax.xaxis.set_major_locator(_integer_ticks())
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""A diagnosis as Markdown and as a self-contained HTML page (plots referenced next to it).
+"""A diagnosis as Markdown (plots referenced next to it) and as a self-contained HTML page (plots embedded
+as base64 data URIs, so the one file can be mailed or opened anywhere).
 
 >>> lines = headline({"summary": {"second_moment_last_over_first": 4.0, "max_massive_ratio": 80.0,
 ...                               "max_massive_layer": 3}, "loss": 1.5, "num_layers": 4, "layers": []})
@@ -7,8 +8,12 @@
 """
 from __future__ import annotations
 
+import base64
 import html
+from pathlib import Path
 from typing import Any
+
+from normsurgeon.markdown import md_table
 
 
 def _f(x: Any, digits: int = 4) -> str:
@@ -65,31 +70,53 @@ def to_markdown(d: dict, plots: list[str], title: str) -> str:
     lines = [f"# Diagnosis: {title}", "", f"{d['model_class']}, {d['num_layers']} blocks (`{d['block_path']}`), "
              f"{d['num_sequences']} sequences × {d['seq_len']} tokens.", "", "## At a glance", ""]
     lines += [f"- {h}" for h in headline(d)]
-    lines += ["", "## Per block", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "States are raw block outputs taken with hooks (not `hidden_states`, whose last entry is after "
-              "the final norm). Gradients are of the mean loss over all windows; FFN = weights (≥2-D) of the "
-              "feed-forward module only. Δloss removed: block replaced by the identity on the first "
-              f"{d['settings']['removal_sequences']} windows.", ""]
+    lines += ["", "## Per block", "", md_table(head, rows)]
+    lines += ["", _explanation(d), ""]
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     lines += ["Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in d["timings"].items()), ""]
     return "\n".join(lines)
 
 
-def to_html(d: dict, plots: list[str], title: str) -> str:
+def _explanation(d: dict) -> str:
+    return ("States are raw block outputs taken with hooks (not `hidden_states`, whose last entry is after "
+            "the final norm). Gradients are of the mean loss over all windows; FFN = weights (≥2-D) of the "
+            "feed-forward module only. Δloss removed: block replaced by the identity on the first "
+            f"{d['settings']['removal_sequences']} windows.")
+
+
+def data_uri(path: Path) -> str:
+    """``path`` (a PNG) as a ``data:`` URI, for an HTML page that needs no file beside it."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def to_html(d: dict, plots: list[str], title: str, folder: Path | None = None) -> str:
+    """The diagnosis as one HTML page. ``folder``: where the ``plots`` PNGs are; they are embedded (base64),
+    so the page is self-contained. Without ``folder`` the page refers to them by name."""
     head, rows = _rows(d)
     e = html.escape
-    parts = ["<!doctype html><meta charset='utf-8'>", f"<title>Diagnosis: {e(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-             "img{max-width:540px;margin:4px}</style>",
+    parts = ["<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>Diagnosis: {e(title)}</title>",
+             "<style>body{font-family:system-ui,sans-serif;max-width:1140px;margin:2em auto;padding:0 1em;"
+             "line-height:1.45;color:#222}h1{font-size:1.6em}table{border-collapse:collapse;font-size:.95em}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+             "figure{margin:1.2em 0}figure img{display:block;max-width:100%;height:auto}"
+             "figcaption{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 .2em}</style></head><body>",
              f"<h1>Diagnosis: {e(title)}</h1>",
-             f"<p>{e(d['model_class'])}, {d['num_layers']} blocks, {d['num_sequences']} sequences × "
-             f"{d['seq_len']} tokens.</p><h2>At a glance</h2><ul>"]
+             f"<p>{e(d['model_class'])}, {d['num_layers']} blocks (<code>{e(str(d.get('block_path', '')))}</code>), "
+             f"{d['num_sequences']} sequences × {d['seq_len']} tokens.</p><h2>At a glance</h2><ul>"]
     parts += [f"<li>{e(h)}</li>" for h in headline(d)]
-    parts += ["</ul><div>"] + [f"<img src='{e(p)}' alt='{e(p)}'>" for p in plots] + ["</div>"]
+    parts += ["</ul>"]
+    if plots:
+        parts += ["<h2>Plots</h2>"]
+    for p in plots:
+        src = data_uri(Path(folder) / p) if folder is not None and (Path(folder) / p).is_file() else p
+        parts += [f"<figure><img src='{e(src)}' alt='{e(p)}'><figcaption>{e(p)}</figcaption></figure>"]
     parts += ["<h2>Per block</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-    parts += ["</table>"]
+    parts += ["</table>", f"<p>{e(_explanation(d)).replace('`', '')}</p>"]
+    if d.get("timings"):
+        parts += ["<p>Timings: " + e(", ".join(f"{k} {v:.1f} s" for k, v in d["timings"].items())) + "</p>"]
+    parts += ["</body></html>"]
     return "\n".join(parts)

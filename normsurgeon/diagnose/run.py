@@ -12,6 +12,7 @@ report.html into an output folder (atomically).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -73,8 +74,11 @@ def run_diagnose(model: str, data: str, out: Path | None, *, num_sequences: int 
                  grad_sequences: int | None = None, tokenizer: str | None = None,
                  text_field: str = "text", plots: bool = True, overwrite: bool = False,
                  allow_pickle: bool = False, trust_remote_code: bool = False,
-                 say: Callable[[str], None] | None = None) -> dict:
-    """Diagnose ``model`` on ``data``; write the report into ``out`` (if given); return it as a dict."""
+                 say: Callable[[str], None] | None = None, progress: Callable[..., None] | None = None) -> dict:
+    """Diagnose ``model`` on ``data``; write the report into ``out`` (if given); return it as a dict.
+
+    ``progress(label, done, total, unit=...)``: the counted passes (``stats pass``: sequences, ``layer
+    removal``: layers) go there instead of to ``say``."""
     from normsurgeon.io.destination import maybe_claim_output
 
     say = say or (lambda msg: None)
@@ -84,13 +88,14 @@ def run_diagnose(model: str, data: str, out: Path | None, *, num_sequences: int 
                             status=say) as dest:
         return _diagnose(model, data, dest, num_sequences, seq_len, seed, log, micro_batch, grads, removal,
                          removal_sequences, grad_sequences, tokenizer, text_field, plots, allow_pickle,
-                         trust_remote_code, say)
+                         trust_remote_code, say, progress)
 
 
 def _diagnose(model: str, data: str, dest, num_sequences: int, seq_len: int, seed: int, log: str | None,
               micro_batch: int, grads: bool, removal: bool, removal_sequences: int | None,
               grad_sequences: int | None, tokenizer: str | None, text_field: str, plots: bool,
-              allow_pickle: bool, trust_remote_code: bool, say: Callable[[str], None]) -> dict:
+              allow_pickle: bool, trust_remote_code: bool, say: Callable[[str], None],
+              progress: Callable[..., None] | None = None) -> dict:
     lm = load_any(model, allow_pickle, trust_remote_code)
     net = lm.model.float() if lm.dtype in (torch.float16, torch.bfloat16) else lm.model
     cap = max_positions(net)
@@ -101,7 +106,8 @@ def _diagnose(model: str, data: str, dest, num_sequences: int, seq_len: int, see
     ids, data_desc = token_windows(data, net, lm.path, num_sequences, seq_len, seed, tokenizer, text_field)
     say(f"diagnosing {type(net).__name__} on {ids.shape[0]} x {ids.shape[1]} tokens")
     d = diagnose_model(net, ids, micro_batch=micro_batch, grads=grads, removal=removal,
-                       removal_sequences=removal_sequences, grad_sequences=grad_sequences, say=say)
+                       removal_sequences=removal_sequences, grad_sequences=grad_sequences,
+                       say=counted_as_progress(say, progress))
     d.spikes = spikes
     report = {"model": model, "data": data_desc, "seed": seed, **d.to_dict()}
     if dest is not None:
@@ -117,6 +123,32 @@ def _diagnose(model: str, data: str, dest, num_sequences: int, seq_len: int, see
                 report["plots_note"] = note
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
             (tmp / "report.md").write_text(to_markdown(report, written, model))
-            (tmp / "report.html").write_text(to_html(report, written, model))
+            (tmp / "report.html").write_text(to_html(report, written, model, folder=tmp))  # plots embedded
         report["out"] = str(out)
     return report
+
+
+_COUNTED = re.compile(r"^(?P<label>[\w ]+): (?P<done>\d+)/(?P<total>\d+)(?: (?P<unit>\w+?)s?)?$")
+
+
+def counted_as_progress(say: Callable[[str], None], progress: Callable[..., None] | None) -> Callable[[str], None]:
+    """``say``, except that a counted status of ``diagnose_model`` (``stats pass: 4/8 sequences``) goes to
+    ``progress(label, done, total, unit=)`` when there is one.
+
+    >>> seen = []
+    >>> s = counted_as_progress(seen.append, lambda *a, **k: seen.append((a, k)))
+    >>> s("stats pass: 4/8 sequences"); s("layer removal: 1/2"); s("hello")
+    >>> seen
+    [(('stats pass', 4, 8), {'unit': 'sequence'}), (('layer removal', 1, 2), {'unit': 'layer'}), 'hello']
+    """
+    if progress is None:
+        return say
+
+    def both(msg: str) -> None:
+        m = _COUNTED.match(msg)
+        if m is None:
+            say(msg)
+            return
+        unit = m["unit"] or ("layer" if "layer" in m["label"] else "")
+        progress(m["label"], int(m["done"]), int(m["total"]), unit=unit)
+    return both

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from normsurgeon.errors import NormSurgeonError, ResourceError, UsageError
+from normsurgeon.io.modes import apply_umask
 
 NAME_MAX = 255
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -286,7 +287,9 @@ def raise_if_out_of_space(e: BaseException, out: Path) -> None:
 
 
 def replace_folder(tmp: Path, out: Path) -> None:
-    """Move the complete folder ``tmp`` to ``out``, replacing whatever is there (renames, then cleanup)."""
+    """Move the complete folder ``tmp`` to ``out``, replacing whatever is there (renames, then cleanup).
+    Modes are set from the umask first (``apply_umask``)."""
+    apply_umask(tmp)
     old = sibling(out, "old", os.getpid())
     if out.exists():
         os.replace(out, old)

@@ -25,8 +25,12 @@ from normsurgeon.errors import UsageError
 from normsurgeon.io.destination import claim_output
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-               "equivalence_report.json", "equivalence_report.md", "normsurgeon_recipe.yaml"}
+# Not carried from the source: what the output writes itself (its config, index, reports, settings) and the
+# model card (README.md: ``io/model_card.py`` writes the output's own and keeps the source's below it).
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md",
+               "equivalence_report.json", "equivalence_report.md", "normsurgeon_recipe.yaml",
+               "lnfree_report.json", "lnfree_report.md", "placement_report.json", "placement_report.md",
+               "sigmas.json", "loss_curve.png"}
 
 
 @contextlib.contextmanager
@@ -118,7 +122,8 @@ def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_by
 
 
 def copy_tagalong_files(src: Path | None, dst: Path) -> list[str]:
-    """Copy tokenizer, generation and other non-weight files from the source folder."""
+    """Copy tokenizer, generation and other non-weight files from the source folder (not its README.md:
+    ``normsurgeon.io.model_card.write_model_card`` writes the output's card and keeps the source's in it)."""
     if src is None or not src.is_dir():
         return []
     copied = []

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from normsurgeon import __version__
+from normsurgeon.version import __version__
 from normsurgeon.diagnose.run import max_positions
 from normsurgeon.dtype_context import default_dtype_for
 from normsurgeon.errors import UnsupportedModel, UsageError, VerificationFailed
@@ -37,10 +37,10 @@ from normsurgeon.lnfree.recipe import RemoveLnRecipe, load_lnfree_recipe
 from normsurgeon.lnfree.report import loss_curve_png, write_report
 from normsurgeon.lnfree.schedule import ScheduleRunner
 from normsurgeon.lnfree.sites import Sites, install
-from normsurgeon.train.checkpoint import latest_checkpoint
+from normsurgeon.train.checkpoint import checkpoint_note, discard_checkpoints, latest_checkpoint
 from normsurgeon.train.data import check_fits, heldout_windows, load_token_data, tokenizer_for
 from normsurgeon.train.evaluate import heldout_loss
-from normsurgeon.train.loop import TrainHooks, is_main_process, make_accelerator, train
+from normsurgeon.train.loop import TrainHooks, is_main_process, make_accelerator, run_progress, train
 from normsurgeon.train.options import TrainingRunOptions
 from normsurgeon.verification.metrics import THRESHOLDS, dtype_name, output_metrics
 
@@ -68,9 +68,10 @@ def resolve_recipe(opts: RemoveLnOptions) -> RemoveLnRecipe:
     return rec
 
 
-def remove_ln(model: str, out: str | Path, opts: RemoveLnOptions,
-              status: Callable[[str], None] = lambda s: None) -> dict:
-    """Remove every norm of ``model`` and write the result to ``out``; return the report dict.
+def remove_ln(model: str, out: str | Path, opts: RemoveLnOptions, status: Callable[[str], None] = lambda s: None,
+              progress: Callable[..., None] | None = None) -> dict:
+    """Remove every norm of ``model`` and write the result to ``out``; return the report dict. ``progress``:
+    ``progress(label, step, steps, unit="step", loss=, stage=)`` per training step (removal, control, whole job).
 
     Returns ``{"status": "interrupted", ...}`` (nothing written) when ``opts.stop_after`` stops the run.
     """
@@ -87,11 +88,11 @@ def remove_ln(model: str, out: str | Path, opts: RemoveLnOptions,
     with claim_output(out, inputs=[model, opts.data, opts.tokenizer], overwrite=opts.overwrite or
                       opts.stop_after is not None, status=status, also=[("--checkpoint-dir", ckpt_dir)],
                       lock=is_main_process()) as dest:
-        return _remove_ln(model, dest, opts, rec, ckpt_dir, status, t0)
+        return _remove_ln(model, dest, opts, rec, ckpt_dir, status, t0, progress)
 
 
 def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: RemoveLnRecipe, ckpt_dir: Path,
-               status: Callable[[str], None], t0: float) -> dict:
+               status: Callable[[str], None], t0: float, progress: Callable[..., None] | None = None) -> dict:
     out, cfg = dest.path, rec.train
     acc = make_accelerator()
     rank, world = acc.process_index, acc.num_processes
@@ -131,13 +132,15 @@ def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: Remove
 
     runner = ScheduleRunner(rec.schedule, sites)
     result = ctrl_result = None
+    labels = ("removal (fine-tune)", "control (with norms)")
+    bars = run_progress(progress, dict.fromkeys(labels[:1 + opts.control], cfg.steps))
     if opts.finetune:
         hooks = LnRemovalHooks(runner, sites, rec.losses, teacher)
         removal_dir = ckpt_dir / "removal"
         status(f"fine-tuning with staged removal ({cfg.steps} steps, {world} process(es))")
         result = train(work, data, cfg, hooks=hooks, checkpoint_dir=removal_dir,
                        resume=opts.resume and latest_checkpoint(removal_dir) is not None, progress=opts.progress,
-                       stop_after=opts.stop_after, log=status, accelerator=acc)
+                       stop_after=opts.stop_after, log=status, accelerator=acc, on_progress=bars[labels[0]])
         if result.stopped_at is not None:
             return {"status": "interrupted", "step": result.stopped_at, "checkpoint": result.checkpoint}
     late = runner.finish()
@@ -150,7 +153,7 @@ def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: Remove
         status(f"fine-tuning the with-norm control ({cfg.steps} steps)")
         ctrl_result = train(ctrl, data, cfg, hooks=TrainHooks(), checkpoint_dir=control_dir,
                             resume=opts.resume and latest_checkpoint(control_dir) is not None,
-                            progress=opts.progress, log=status, accelerator=acc)
+                            progress=opts.progress, log=status, accelerator=acc, on_progress=bars[labels[1]])
         control_loss = heldout_loss(ctrl, windows)
     acc.wait_for_everyone()
     if not acc.is_main_process:
@@ -178,8 +181,12 @@ def _remove_ln(model: str, dest: Destination, opts: RemoveLnOptions, rec: Remove
         "control_train": _train_summary(ctrl_result, world) if ctrl_result else None,
         "timing_s": round(time.perf_counter() - t0, 1),
     })
+    used = [d for d, on in (("removal", opts.finetune), ("control", opts.control)) if on]
+    report["checkpoints"] = checkpoint_note(ckpt_dir, out, opts.keep_checkpoints, used)
     with dest.staging() as tmp:
         _write_outputs(tmp, report, src, result, ctrl_result, runner)
+    if used and not opts.keep_checkpoints:
+        discard_checkpoints(ckpt_dir, used, whole=opts.checkpoint_dir is None)
     return report
 
 
@@ -305,7 +312,6 @@ def _write_outputs(tmp: Path, report: dict, src: LoadedModel, result, ctrl_resul
     w = report.pop("_write")
     out_dtype = w["out_dtype"]
     stock64 = w["stock64"]
-    base = report["output"]["path"]
     ids = w["ids"]
     loaded_native = None
     if w["native64"] is not None:
@@ -316,7 +322,7 @@ def _write_outputs(tmp: Path, report: dict, src: LoadedModel, result, ctrl_resul
         write_safetensors(native.state_dict(), native_dir, 5 * 10**9, {"normsurgeon": "lnfree-native"})
         (native_dir / "config.json").write_text(json.dumps(native_cfg, indent=2, sort_keys=True))
         copy_tagalong_files(src.path, native_dir)
-        report["export"]["native"]["path"] = base if native_dir == tmp else f"{base}/native"
+        report["export"]["native"]["path"] = "." if native_dir == tmp else "native"  # relative to the output
         loaded_native = load_model(str(native_dir)).model.float().eval()
     if stock64 is not None:
         stock = stock64.to(out_dtype)
@@ -336,7 +342,7 @@ def _write_outputs(tmp: Path, report: dict, src: LoadedModel, result, ctrl_resul
         other, key, what = ((loaded_native, "written_vs_native", "native form") if loaded_native is not None else
                             (w["fake64"].float(), "written_vs_fake", "fake-norm model"))
         m = _max_dlogprob(loaded_stock, other, ids)
-        report["export"]["stock"].update(path=base, **{key: {**m, "dtype": dtype_name(out_dtype), "threshold": th}})
+        report["export"]["stock"].update(path=".", **{key: {**m, "dtype": dtype_name(out_dtype), "threshold": th}})
         if m["max_abs_logprob"] > th:
             raise VerificationFailed(f"the written stock form and the {what} disagree by {m['max_abs_logprob']:.2e}; "
                                      "nothing written")
@@ -347,7 +353,7 @@ def _write_outputs(tmp: Path, report: dict, src: LoadedModel, result, ctrl_resul
         (tmp / "control").mkdir()
         w["ctrl"].save_pretrained(str(tmp / "control"))
         copy_tagalong_files(src.path, tmp / "control")
-        report["export"]["control_path"] = f"{base}/control"
+        report["export"]["control_path"] = "control"
     events = [{"step": h["step"], "stage": e_stage, "norm": ev}
               for h in (result.history if result else []) for ev in h["events"]
               for e_stage in [next(e.stage for e in runner.events if f"{e.norm}:{e.path}" == ev)]]
@@ -358,5 +364,32 @@ def _write_outputs(tmp: Path, report: dict, src: LoadedModel, result, ctrl_resul
     if result is not None and result.history:
         loss_curve_png(tmp / "loss_curve.png", result.history, ctrl_result.history if ctrl_result else None,
                        events, report["losses"])
-        report["loss_curve"] = f"{base}/loss_curve.png"
+        report["loss_curve"] = "loss_curve.png"
     write_report(report, tmp)
+    _write_card(tmp, report, src, stock64 is not None, loaded_native is not None)
+
+
+def _write_card(tmp: Path, report: dict, src: LoadedModel, stock: bool, native: bool) -> None:
+    from normsurgeon.io.model_card import write_model_card
+
+    m, ex = report["method"], report["export"]
+    what = "a fixed scale" if m["to"] == "fixed" else "Dynamic Tanh (DyT)"
+    done = [f"every normalization layer ({len(report['sigmas'])}) removed: replaced by {what} calibrated on "
+            f"the data" + (f", then {report['train'].get('steps_done', 0)} fine-tuning steps with the staged removal "
+                           "schedule" if m["finetune"] else " (no fine-tuning)")]
+    if stock:
+        done.append(f"top level: the stock form (stock `{ex['stock'].get('class')}`; each norm is kept as a LayerNorm "
+                    f"with eps {ex['stock'].get('eps'):g}, so it computes the fixed scale)")
+    if native:
+        done.append(("`native/`" if stock else "top level") + ": the native form (norms folded into their readers; "
+                    "loads with normsurgeon)")
+    if ex.get("control_path"):
+        done.append("`control/`: the with-norm control, fine-tuned on the same data (stock class)")
+    notes = []
+    if stock and native:
+        notes.append(f"`normsurgeon.load({json.dumps(str(Path(report['output']['path']) / 'native'))}).model` loads "
+                     "the native form")
+    if stock and ex["stock"].get("fp16_warning"):
+        notes.append(ex["stock"]["fp16_warning"])
+    write_model_card(tmp, src.ref, src.path, "remove-ln", report, stock, done,
+                     output_path=report["output"]["path"], loading_notes=notes)

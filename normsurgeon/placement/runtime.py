@@ -184,7 +184,7 @@ def fresh_norm(template: torch.nn.Module, offset: float, weight_attr: str = "wei
 
 
 def dyt_norm(template: torch.nn.Module, alpha0: float, size: int | None = None) -> torch.nn.Module:
-    from normsurgeon.lnfree.dyt import DyT  # issue 4's module (read-only reuse)
+    from normsurgeon.modules import DyT  # issue 4's module (normsurgeon.lnfree.dyt)
 
     p = next(template.parameters(), None)
     width = size or getattr(template, "normalized_shape", (None,))[0] or (p.shape[0] if p is not None else None)

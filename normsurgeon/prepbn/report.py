@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from normsurgeon.markdown import md_code, md_table
+
 LABELS = {"before": "before (LayerNorm model)", "repbn_no_finetune": "RepBN, recalibrated, no fine-tune",
           "after_finetune": "after fine-tune (RepBN, unfolded)", "after_fold": "after fold (written model)"}
 
@@ -23,26 +25,27 @@ def to_markdown(r: dict) -> str:
              f"- output: `{r['output']['path']}` (format `{r['output']['format']}`, {r['output']['dtype']}; "
              f"{r['output']['loads_with']}): no normalization module remains",
              f"- task: {r['task']}; data: `{r['data'].get('source')}` ({r['data'].get('split', '')})", "",
-             f"## {metric.capitalize()}", "", f"| model | {metric} | change vs before |", "|---|---|---|"]
+             f"## {metric.capitalize()}", ""]
+    rows = []
     for key, label in LABELS.items():
         res = r["results"].get(key)
         if res is None:
             continue
         ch = r.get("change", {}).get(key)
         extra = f" (loss {_f(res['loss'])})" if metric == "accuracy" else f" {res.get('unit', '')}"
-        lines.append(f"| {label} | {_f(res[metric])}{extra} | {'—' if ch is None else f'{ch:+.4f}'} |")
+        rows.append([label, f"{_f(res[metric])}{extra}", "—" if ch is None else f"{ch:+.4f}"])
+    lines.append(md_table(["model", metric, "change vs before"], rows))
     lines += ["", "## Fold check (folded vs unfolded eval-mode RepBN model)", "",
-              "| dtype | max abs logit Δ | ÷ max abs logit | threshold | max abs log-prob Δ | top-1 agreement | ok |",
-              "|---|---|---|---|---|---|---|"]
-    for name, c in r["fold_check"].items():
-        lines.append(f"| {name} | {c['max_abs_logit']:.3e} | {c['rel_to_scale']:.3e} | {c['threshold']:.0e} | "
-                     f"{c['max_abs_logprob']:.3e} | {c['top1_agreement']:.4f} | {'yes' if c['ok'] else 'NO'} |")
+              md_table(["dtype", "max abs logit Δ", "÷ max abs logit", "threshold", "max abs log-prob Δ",
+                        "top-1 agreement", "ok"],
+                       [[name, f"{c['max_abs_logit']:.3e}", f"{c['rel_to_scale']:.3e}", f"{c['threshold']:.0e}",
+                         f"{c['max_abs_logprob']:.3e}", f"{c['top1_agreement']:.4f}", "yes" if c["ok"] else "NO"]
+                        for name, c in r["fold_check"].items()])]
     lines += ["", "`written`: the folder reloaded with `load_prepbn` against the in-memory folded model.", "",
-              "## Norms", "", "| norm | role | readers | eta | min abs s | max abs s |", "|---|---|---|---|---|---|"]
-    for n in r["norms"]:
-        readers = ", ".join(f"`{x}`" for x in n["readers"])
-        lines.append(f"| `{n['name']}` | {n['role']} | {readers} | {n['eta']:.4f} | {n['scale_abs_min']:.3g} | "
-                     f"{n['scale_abs_max']:.3g} |")
+              "## Norms", "",
+              md_table(["norm", "role", "readers", "eta", "min abs s", "max abs s"],
+                       [[md_code(n["name"]), n["role"], ", ".join(md_code(x) for x in n["readers"]), f"{n['eta']:.4f}",
+                         f"{n['scale_abs_min']:.3g}", f"{n['scale_abs_max']:.3g}"] for n in r["norms"]])]
     f = r["fold"]
     if f["created_bias"] or f["untied"]:
         lines += ["", f"Created biases: {', '.join(f['created_bias']) or '—'}; untied from the embedding: "
@@ -63,8 +66,12 @@ def to_markdown(r: dict) -> str:
                  f"{m['recalibration_batches']} training batches (cumulative average, parameters frozen)")
     for note in r.get("notes", []):
         lines.append(f"- note: {note}")
+    ck = r.get("checkpoints")
+    if ck:
+        lines.append(f"- training checkpoints: kept in `{ck['folder']}`" if ck.get("kept") else
+                     "- training checkpoints: removed after the run (`keep_checkpoints` keeps them)")
     if r.get("loss_curve"):
-        lines += ["", "![loss and blend weight](loss_curve.png)"]
+        lines += ["", f"![loss and blend weight]({r['loss_curve']})"]
     return "\n".join(lines) + "\n"
 
 
@@ -80,17 +87,22 @@ def curve_png(path: Path, history: list[dict], schedule) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     ax.plot(steps, [h["ce"] for h in history], lw=0.8, label="training loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     lam = [float(h["stage"].split()[-1]) if h.get("stage") else None for h in history]
-    ax2.plot(steps, lam, color="tab:orange", lw=1.2, label="blend weight λ (LayerNorm)")
+    ax2.plot(steps, lam, color="tab:orange", lw=1.2, label="blend weight λ (LayerNorm share)")
     ax2.set_ylim(-0.05, 1.05)
-    ax2.set_ylabel("λ")
-    fig.legend(loc="center right", fontsize=8, framealpha=0.8)
+    ax2.set_ylabel("blend weight λ")
+    ax.set_title("prepbn: fine-tuning loss and LayerNorm → RepBN blend weight")
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=9, framealpha=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path)
     plt.close(fig)

@@ -6,8 +6,8 @@
 >>> r = run_prepbn("normsurgeon.testing:tiny_gpt2", d / "out", PRepBNOptions(data=str(d / "t.txt"),
 ...                tokenizer="bytes", finetune=True, recalib_batches=2,
 ...                overrides={"steps": 4, "block_size": 16, "batch_size": 2, "eval_windows": 2}))
->>> r["status"], r["fold_check"]["float64"]["ok"], sorted(p.name for p in (d / "out").iterdir())[:2]
-('pass', True, ['config.json', 'equivalence_report.json'])
+>>> r["status"], r["fold_check"]["float64"]["ok"], sorted(p.name for p in (d / "out").iterdir())[:3]
+('pass', True, ['README.md', 'config.json', 'equivalence_report.json'])
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from normsurgeon import __version__
+from normsurgeon.version import __version__
 from normsurgeon.errors import InputError, NormSurgeonError, UnsupportedModel, UsageError, VerificationFailed
 from normsurgeon.prepbn.convert import find_sites, install_prepbn
 from normsurgeon.prepbn.export import FORMAT, load_prepbn, output_config
@@ -133,8 +133,10 @@ def _text_task(src, opts: PRepBNOptions, cfg, device) -> _Task:
                  fwd, batches, windows[:4, :64], fwd, data, data.description)
 
 
-def run_prepbn(model: str, out: str | Path, opts: PRepBNOptions, status: Callable[[str], None] = lambda s: None) -> dict:
-    """Convert ``model``'s LayerNorms to folded PRepBN and write ``out``; returns the report.
+def run_prepbn(model: str, out: str | Path, opts: PRepBNOptions, status: Callable[[str], None] = lambda s: None,
+               progress: Callable[..., None] | None = None) -> dict:
+    """Convert ``model``'s LayerNorms to folded PRepBN and write ``out``; returns the report. ``progress``:
+    ``progress("fine-tune (LN -> RepBN)", step, steps, unit="step", loss=, stage=)`` per training step.
 
     Returns ``{"status": "interrupted", ...}`` (nothing written) when ``opts.stop_after`` stops training.
     """
@@ -148,14 +150,15 @@ def run_prepbn(model: str, out: str | Path, opts: PRepBNOptions, status: Callabl
     if opts.recalib_batches < 1:
         raise UsageError("--recalib-batches must be at least 1")
     ckpt_root = Path(opts.checkpoint_dir) if opts.checkpoint_dir else Path(str(out) + ".checkpoints")
+    # after success the checkpoints under ckpt_root/prepbn are removed unless opts.keep_checkpoints
     with claim_output(out, inputs=[model, opts.data, opts.tokenizer], overwrite=opts.overwrite or
                       opts.stop_after is not None, status=status, also=[("--checkpoint-dir", ckpt_root)],
                       lock=is_main_process()) as dest:
-        return _run_prepbn(model, dest, opts, ckpt_root, status, t0)
+        return _run_prepbn(model, dest, opts, ckpt_root, status, t0, progress)
 
 
 def _run_prepbn(model: str, dest, opts: PRepBNOptions, ckpt_root: Path, status: Callable[[str], None],
-                t0: float) -> dict:
+                t0: float, progress: Callable[..., None] | None = None) -> dict:
     from normsurgeon.io.loader import load_model
     from normsurgeon.train.checkpoint import latest_checkpoint
     from normsurgeon.train.loop import make_accelerator
@@ -181,7 +184,7 @@ def _run_prepbn(model: str, dest, opts: PRepBNOptions, ckpt_root: Path, status: 
     result = None
     if opts.finetune:
         from normsurgeon.prepbn.finetune import BlendHooks, train_classifier
-        from normsurgeon.train.loop import train
+        from normsurgeon.train.loop import run_progress, train
 
         hooks = BlendHooks(work, sched)
         ckpt = ckpt_root / "prepbn"
@@ -189,7 +192,8 @@ def _run_prepbn(model: str, dest, opts: PRepBNOptions, ckpt_root: Path, status: 
         status(f"fine-tuning {cfg.steps} steps (LN warm-up {sched.warmup}, blend over {sched.steps}, "
                f"pure RepBN from step {sched.end})")
         kw = dict(hooks=hooks, checkpoint_dir=ckpt, resume=resume, progress=opts.progress,
-                  stop_after=opts.stop_after, log=status, accelerator=acc)
+                  stop_after=opts.stop_after, log=status, accelerator=acc,
+                  on_progress=run_progress(progress, {"fine-tune (LN -> RepBN)": cfg.steps})["fine-tune (LN -> RepBN)"])
         result = (train_classifier(work, task.data, cfg, **kw) if task_kind == VISION else train(work, task.data, cfg, **kw))
         if result.stopped_at is not None:
             return {"status": "interrupted", "step": result.stopped_at, "checkpoint": result.checkpoint}
@@ -269,11 +273,34 @@ def _run_prepbn(model: str, dest, opts: PRepBNOptions, ckpt_root: Path, status: 
             from normsurgeon.prepbn.report import curve_png
 
             curve_png(tmp / "loss_curve.png", result.history, sched)
-            report["loss_curve"] = f"{out}/loss_curve.png"
+            report["loss_curve"] = "loss_curve.png"  # paths in the report are relative to the output folder
+        from normsurgeon.train.checkpoint import checkpoint_note
+
+        report["checkpoints"] = checkpoint_note(ckpt_root, out, opts.keep_checkpoints,
+                                                ["prepbn"] if opts.finetune else [])
         from normsurgeon.prepbn.report import write_report
 
         write_report(report, tmp)
+        _write_card(tmp, report, src, task_kind)
+    if opts.finetune and not opts.keep_checkpoints:
+        from normsurgeon.train.checkpoint import discard_checkpoints
+
+        discard_checkpoints(ckpt_root, ["prepbn"], whole=opts.checkpoint_dir is None)
     return report
+
+
+def _write_card(tmp: Path, report: dict, src, task_kind: str) -> None:
+    from normsurgeon.io.model_card import write_model_card
+
+    m, f = report["method"], report["fold"]
+    done = [f"every LayerNorm ({len(report['norms'])}) replaced by a progressive RepBN (SLAB)" +
+            (f", fine-tuned {report['train'].get('steps_done', 0)} steps while the LayerNorm share decays to 0"
+             if m["finetune"] else " without fine-tuning"),
+            f"BatchNorm statistics recalibrated on {m['recalibration_batches']} training batches",
+            "every RepBN folded into the layers that read it, in float64 and cast once: no normalization module "
+            "remains" + (f"; biases created: {len(f['created_bias'])}" if f["created_bias"] else "")
+            + (f"; untied from the embedding: {', '.join(f['untied'])}" if f["untied"] else "")]
+    write_model_card(tmp, src.ref, src.path, "prepbn", report, False, done, output_path=report["output"]["path"])
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

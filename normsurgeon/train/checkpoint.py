@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,3 +54,46 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise InputError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def discard_checkpoints(root: Path, used: list[str], whole: bool) -> list[str]:
+    """After a successful run: remove the checkpoint folders ``root/<used>`` (``whole``: all of ``root``,
+    the default ``OUT.checkpoints`` that only normsurgeon writes), then ``root`` itself when nothing else is
+    left in it. Returns what was removed.
+
+    >>> import tempfile, pathlib
+    >>> r = pathlib.Path(tempfile.mkdtemp()) / "o.checkpoints"
+    >>> _ = save_checkpoint(r / "removal", 1, {"step": 1}, keep=1)
+    >>> discard_checkpoints(r, ["removal", "control"], whole=False), r.exists()
+    (['removal'], False)
+    """
+    root = Path(root)
+    if not root.is_dir() or root.is_symlink():
+        return []
+    removed = []
+    targets = [p for p in root.iterdir()] if whole else [root / u for u in used]
+    for p in targets:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        elif whole and p.exists():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    try:
+        root.rmdir()  # only when empty: a --checkpoint-dir holding anything else stays
+    except OSError:
+        pass
+    return removed
+
+
+def checkpoint_note(root: Path, out: Path, keep: bool, used: list[str]) -> dict | None:
+    """The report's ``checkpoints`` entry: kept or removed after success, the folder relative to the output
+    (like every path in a report), or None when the run trained nothing.
+
+    >>> checkpoint_note(Path("/x/o.checkpoints"), Path("/x/o"), True, ["removal"])["folder"]
+    '../o.checkpoints'
+    """
+    if not used:
+        return None
+    where = os.path.relpath(os.path.abspath(root), os.path.abspath(out))
+    return {"kept": bool(keep), "folder": where if keep else None, "subfolders": list(used)}

@@ -72,15 +72,48 @@ class HFTokenizer:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+def is_byte_tokenizer(folder: Path) -> bool:
+    """Does the folder's ``tokenizer.json`` map every byte to its own value and nothing else (byte-level BPE
+    without merges, special or added tokens, normalizer or prefix space), like the embedded tiny GPT-2's
+    (``examples/build_byte_tokenizer.py``)? Then ``ByteTokenizer`` gives the same ids."""
+    try:
+        tj = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+        cfg_path = Path(folder) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    return (model.get("type") == "BPE" and not model.get("merges") and model.get("vocab") == _byte_alphabet()
+            and not tj.get("added_tokens") and tj.get("normalizer") is None and tj.get("post_processor") is None
+            and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")
+            and not any(cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
+                                             "cls_token", "additional_special_tokens")))
+
+
 def tokenizer_for(folder: Path | None, vocab_size: int | None, spec: str | None = None) -> Tokenizer:
     """``spec``: "bytes" or a tokenizer folder; default: the model folder's tokenizer, else bytes for
     a 256-token vocabulary, else an error naming the fix."""
     if spec == "bytes":
         return ByteTokenizer()
     if spec:
-        return HFTokenizer(spec)
+        return ByteTokenizer() if Path(spec).is_dir() and is_byte_tokenizer(Path(spec)) else HFTokenizer(spec)
     if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                     "vocab.json", "tokenizer.model")):
+        if is_byte_tokenizer(folder):  # the same ids, without tokenizing megabytes through BPE
+            return ByteTokenizer()
         return HFTokenizer(folder)
     if vocab_size == 256:
         return ByteTokenizer()

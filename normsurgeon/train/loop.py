@@ -106,11 +106,12 @@ def is_main_process() -> bool:
 def train(model: torch.nn.Module, data: TokenData | TrainTask, cfg: TrainConfig, *, hooks: TrainHooks | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = False,
           stop_after: int | None = None, log: Callable[[str], None] | None = None,
-          accelerator=None) -> TrainResult:
+          accelerator=None, on_progress: Callable[..., None] | None = None) -> TrainResult:
     """Fine-tune ``model`` in place on ``data`` (token windows, or any ``TrainTask``) for ``cfg.steps`` steps.
 
     ``stop_after``: stop (after writing a checkpoint) once this many steps are done, as an interruption
-    would; ``resume``: continue from the newest checkpoint in ``checkpoint_dir``.
+    would; ``resume``: continue from the newest checkpoint in ``checkpoint_dir``. ``on_progress(step,
+    steps, loss=, stage=)``: on the main process, at the start and after every step (``run_progress``).
     """
     hooks = hooks or TrainHooks()
     log = log or (lambda msg: None)
@@ -167,6 +168,9 @@ def train(model: torch.nn.Module, data: TokenData | TrainTask, cfg: TrainConfig,
             acc.wait_for_everyone()
 
     bar = ProgressBar(cfg.steps, step, enabled=progress and acc.is_main_process)
+    on_progress = on_progress if acc.is_main_process else None
+    if on_progress is not None:
+        on_progress(step, cfg.steps, loss=None, stage=hooks.stage(step))
     step_time, timed_steps = 0.0, 0
     stopped_at = None
     try:
@@ -219,6 +223,8 @@ def train(model: torch.nn.Module, data: TokenData | TrainTask, cfg: TrainConfig,
                             "stage": hooks.stage(step), "events": events})
             step += 1
             bar.update(step, step_ce, hooks.stage(step - 1))
+            if on_progress is not None:
+                on_progress(step, cfg.steps, loss=step_ce, stage=hooks.stage(step - 1))
             if cfg.eval_every and step % cfg.eval_every == 0:
                 evals.append({"step": step, **task.evaluate(inner, cfg)})
                 wrapped.train()
@@ -231,6 +237,30 @@ def train(model: torch.nn.Module, data: TokenData | TrainTask, cfg: TrainConfig,
     tokens = task.units_per_step(cfg) * timed_steps
     return TrainResult(step, history, evals, tokens / step_time if step_time else 0.0,
                        peak_memory_mb(acc.device), backoffs, stopped_at, resumed_from, last_ckpt)
+
+
+def run_progress(progress: Callable[..., None] | None, runs: dict[str, int]) -> dict[str, Callable | None]:
+    """``train``'s ``on_progress`` for each of a job's runs (label -> steps): each run reports under its own
+    label and, when there are several, all of them together under "whole job" (one ETA for the job).
+
+    >>> seen = []
+    >>> cb = run_progress(lambda *a, **k: seen.append(a), {"removal": 4, "control": 4})
+    >>> cb["removal"](4, 4, loss=1.0); cb["control"](1, 4, loss=1.0); seen
+    [('removal', 4, 4), ('whole job', 4, 8), ('control', 1, 4), ('whole job', 5, 8)]
+    """
+    if progress is None:
+        return dict.fromkeys(runs)
+    done, total = dict.fromkeys(runs, 0), sum(runs.values())
+
+    def for_run(label: str) -> Callable[..., None]:
+        def report(step: int, steps: int, **fields) -> None:
+            done[label] = step
+            progress(label, step, steps, unit="step", **fields)
+            if len(runs) > 1:
+                progress("whole job", sum(done.values()), total, unit="step")
+        return report
+
+    return {label: for_run(label) for label in runs}
 
 
 class ProgressBar:

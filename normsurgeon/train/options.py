@@ -21,6 +21,7 @@ class TrainingRunOptions:
     tokenizer: str | None = None
     text_field: str = "text"
     checkpoint_dir: Path | None = None  # default: OUT.checkpoints
+    keep_checkpoints: bool = False  # keep the training checkpoints after a successful run (default: removed)
     resume: bool = False
     stop_after: int | None = None  # stop after this many steps (leaves a resumable checkpoint)
     progress: bool = False
