@@ -8,8 +8,11 @@ Each command calls one typed library function, prints a human rendering (or ``--
 - one module per command, each with ``register(app)``: ``inspect``, ``convert``, ``verify``, ``recipes``,
   ``fold_bn``, ``remove_ln``, ``place``, ``diagnose``, ``plan``, ``prepbn``; ``streaming`` holds the
   memory-bounded paths of ``convert``, ``verify`` and ``plan``;
-- shared: ``options`` (option declarations, the exit-code epilog), ``console`` (stdout / stderr, the
-  ``error:`` line), ``exits`` (failures to exit codes), ``click_compat`` (the click typer runs on).
+- shared: ``options`` (option declarations: one name per idea, choices, dtype aliases, deprecated
+  spellings, the exit-code epilog), ``console`` (stdout / stderr, the ``error:`` line, ``-q`` / ``-v``),
+  ``exits`` (failures to exit codes), ``output`` (``--json`` documents and their ``schema`` ids, rendered
+  reports), ``progress`` (bars on a terminal, timestamped lines elsewhere), ``device`` (``--device``),
+  ``training`` (what ``remove-ln`` and ``prepbn`` share), ``click_compat`` (the click typer runs on).
 """
 from normsurgeon.cli.application import app, main
 

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +16,9 @@ import typer
 
 from normsurgeon.cli.console import out_console
 from normsurgeon.cli.exits import run_command
-from normsurgeon.cli.options import AllowPickle, ModelArg, OverwriteOpt, ReportJsonOpt, TrustRemote
+from normsurgeon.cli.options import (AllowPickle, JsonOpt, ModelArg, OverwriteOpt, QuietOpt, TrustRemote,
+                                     VerboseOpt)
+from normsurgeon.cli.output import emit
 
 from normsurgeon.errors import UsageError
 
@@ -37,7 +38,7 @@ def _shape(text: Optional[str]) -> tuple[int, ...] | None:
 def register(app: typer.Typer) -> None:
     """Add ``fold-bn`` to ``app``."""
 
-    @app.command("fold-bn")
+    @app.command("fold-bn", short_help="Fold every BatchNorm into the layer it is connected to, exactly.")
     def fold_bn(
         model: str = ModelArg,
         out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
@@ -50,9 +51,20 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Fold and verify in memory; write nothing."),
         allow_pickle: bool = AllowPickle,
         trust_remote_code: bool = TrustRemote,
-        as_json: bool = ReportJsonOpt,
+        as_json: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+        verbose: bool = VerboseOpt,
     ) -> None:
-        """Fold every eval-mode BatchNorm into the conv/linear the dataflow proves it is connected to."""
+        """Fold every eval-mode BatchNorm into the conv/linear the dataflow proves it is connected to.
+
+        Also merges RepVGG branches and folds RepBN / Unified Normalization; writes the stock, deploy and
+        torch.export forms and checks each against the source (docs/batchnorm.md).
+
+        \b
+        Example:
+          normsurgeon fold-bn examples.tiny_cnn.model:pretrained \\
+              --input-shape 8,1,8,8 -o out/tiny-cnn-folded
+        """
 
         def go() -> int:
             from normsurgeon.batchnorm.run import run_fold_bn, units_markdown
@@ -61,7 +73,7 @@ def register(app: typer.Typer) -> None:
                                  batch_size=batch_size, seed=seed, export=export, overwrite=overwrite,
                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dry_run=dry_run)
             if as_json:
-                print(json.dumps(report, indent=2, default=str))
+                emit(report, "equivalence")
                 return 0
             _print(report, out_console, units_markdown)
             return 0

@@ -38,8 +38,10 @@ def canonical_dtype(name: str) -> str:
 def choice(default: Any, values: Iterable[str], *decls: str, help: str, aliases: dict[str, str] | None = None,
            **kw: Any) -> Any:
     """An option taking one of ``values`` (or an alias of one), shown as ``[a|b|c]`` with its default;
-    anything else is a usage error (exit 2). The command gets the canonical value."""
+    anything else is a usage error (exit 2). The command gets the canonical value; aliases are accepted
+    but not listed in the metavar (say them in ``help``)."""
     values, aliases = list(values), dict(aliases or {})
+    what = decls[-1].lstrip("-").replace("-", " ")
 
     def check(value):
         if value is None:
@@ -47,11 +49,10 @@ def choice(default: Any, values: Iterable[str], *decls: str, help: str, aliases:
         key = str(value).strip().lower()
         key = aliases.get(key, key)
         if key not in values:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(values + list(aliases))}")
+            raise typer.BadParameter(f"unknown {what} {value!r}; choose one of {', '.join(values + list(aliases))}")
         return key
 
-    return typer.Option(default, *decls, metavar="[" + "|".join(values + list(aliases)) + "]", callback=check,
-                        help=help, **kw)
+    return typer.Option(default, *decls, metavar="[" + "|".join(values) + "]", callback=check, help=help, **kw)
 
 
 def dtype_option(default: str = "source", *, help: str = "Output dtype (source: the source's own).") -> Any:
@@ -93,13 +94,12 @@ ModelArg = typer.Argument(..., metavar="MODEL", help="Local folder, cached hub i
 AllowPickle = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (loaded with weights_only=True).")
 TrustRemote = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from its folder.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout (fields: docs/json.md).")
-ReportJsonOpt = JsonOpt
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace OUT if it is an earlier normsurgeon output.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Progress on stderr: bars on a terminal, else "
                            "timestamped lines every NORMSURGEON_PROGRESS_EVERY seconds (30).")
 QuietOpt = typer.Option(False, "-q", "--quiet", callback=_verbosity(-1), help=QUIET_HELP)
 VerboseOpt = typer.Option(False, "-v", "--verbose", callback=_verbosity(1), help=VERBOSE_HELP)
-SeqLenHelp = "Window length in tokens."
+SeqLenHelp = "Window length in tokens"
 MAX_LOGPROB_HELP = ("Pass verification when max |Δ log-prob| is at most this, instead of the output dtype's own "
                     "threshold (recorded in the report as explicit_threshold).")
 MicroBatchHelp = "Windows per forward pass (per process)."

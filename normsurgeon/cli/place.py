@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,10 +16,12 @@ import typer
 
 from normsurgeon.cli.console import out_console, status
 from normsurgeon.cli.exits import run_command
-from normsurgeon.cli.options import OverwriteOpt, ReportJsonOpt
+from normsurgeon.cli.options import JsonOpt, OverwriteOpt, QuietOpt, SeqLenHelp, VerboseOpt, choice
+from normsurgeon.cli.output import emit, show_report
 from normsurgeon.errors import UsageError
 
 _QK = {"keep": "keep", "on": "qk", "off": "none", "qkv": "qkv"}
+_SCHEMES = ("pre", "post", "peri", "output-only", "mix", "lns", "deepnorm", "hybridnorm", "qk-norm", "dyt")
 
 
 def _options(scheme: Optional[str], alpha: Optional[float], star: bool, qk_norm: str, embedding_norm: bool,
@@ -56,34 +57,37 @@ def _options(scheme: Optional[str], alpha: Optional[float], star: bool, qk_norm:
 def register(app: typer.Typer) -> None:
     """Add ``place`` to ``app``."""
 
-    @app.command("place")
+    @app.command("place", short_help="Move a decoder's norms to another placement and report what it preserves.")
     def place_cmd(
         model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint (folder, cached hub id, factory) or, "
                                     "with --from-config, a config.json or a folder holding one."),
         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (written atomically)."),
-        scheme: Optional[str] = typer.Option(None, "--scheme", help="pre, post, peri, output-only, mix, lns, deepnorm, "
-                                             "hybridnorm, qk-norm, dyt."),
+        scheme: Optional[str] = choice(None, _SCHEMES, "--scheme", help="The placement to rewrite to (docs/placement.md)."),
         blocks: Optional[str] = typer.Option(None, "--blocks", help="Per-block spec instead of --scheme, e.g. "
                                              "'post@0:2,pre+lns@2:' (mods: lns, qk, qkv, noqk, dyt)."),
         from_config: bool = typer.Option(False, "--from-config", help="Build a fresh model from MODEL's config "
                                          "(training from scratch; scheme init such as DeepNorm beta)."),
         data: Optional[str] = typer.Option(None, "--data", help="Calibration/evaluation text (file, folder, .jsonl, "
-                                           "saved dataset or package.module:function). Required for checkpoints."),
+                                           "saved dataset or package.module:function); without it a built-in "
+                                           "calibration text is used."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="'bytes' or a tokenizer folder."),
         alpha: Optional[float] = typer.Option(None, "--alpha", help="mix: fraction of Post-LN blocks (default 0.25)."),
         star: bool = typer.Option(False, "--star", help="hybridnorm: HybridNorm* (block 0 fully Pre-Norm)."),
-        qk_norm: str = typer.Option("keep", "--qk-norm", help="keep, on, off or qkv (composes with any scheme)."),
+        qk_norm: str = choice("keep", tuple(_QK), "--qk-norm", help="QK-norm: keep, on, off or qkv (composes with any "
+                              "scheme)."),
         embedding_norm: bool = typer.Option(False, "--embedding-norm", help="peri: add a norm on the embeddings."),
         calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Set added gains from calibration data."),
         alpha0: float = typer.Option(0.5, "--alpha0", help="dyt: initial alpha for --from-config."),
         residual_alpha: Optional[float] = typer.Option(None, "--residual-alpha", help="deepnorm: default (2L)^(1/4)."),
         calib_seqs: int = typer.Option(16, "--calib-seqs", help="Calibration windows (train split)."),
         eval_seqs: int = typer.Option(16, "--eval-seqs", help="Evaluation windows (held-out split)."),
-        seq_len: int = typer.Option(128, "--seq-len", help="Window length in tokens."),
+        seq_len: int = typer.Option(128, "--seq-len", help=SeqLenHelp + "."),
         seed: int = typer.Option(0, "--seed", help="Seed of the windows (and of the init with --from-config)."),
         overwrite: bool = OverwriteOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="Rewrite and measure in memory; write nothing."),
-        as_json: bool = ReportJsonOpt,
+        as_json: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+        verbose: bool = VerboseOpt,
     ) -> None:
         """Rewrite a Pre-LN / Pre-RMSNorm decoder (sequential or parallel blocks, separate or fused q/k/v, read from
         its traced dataflow) to another norm placement and report what it preserves.
@@ -92,7 +96,10 @@ def register(app: typer.Typer) -> None:
         output norms and dyt (gains / alpha from calibration data). not function-preserving: post, mix,
         deepnorm, hybridnorm, qk-norm. The loss change on held-out windows of --data is always reported.
 
-        Example: normsurgeon place examples/tiny-gpt2 --scheme lns --data examples.stdlib_corpus:load_stdlib_corpus -o out/lns
+        \b
+        Example:
+          normsurgeon place examples/tiny-gpt2 --scheme lns \\
+              --data examples.stdlib_corpus:load_stdlib_corpus -o out/lns
         """
         def go() -> int:
             from normsurgeon.placement.run import run_place
@@ -108,11 +115,13 @@ def register(app: typer.Typer) -> None:
                           say=status(not as_json))
             r.pop("model_object", None)
             if as_json:
-                print(json.dumps(r, indent=2, default=str))
+                emit(r, "place")
             else:
                 from normsurgeon.placement.run import to_markdown
 
-                out_console.print(to_markdown(r), highlight=False, markup=False)
+                show_report(out_console, None if dry_run else out, ("placement_report.md",), to_markdown(r))
+                if not dry_run:
+                    out_console.print(f"wrote {out}", highlight=False)
             return 0
 
         run_command(go)

@@ -21,7 +21,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command("recipes", epilog=EPILOG, short_help="List the built-in recipes.")
     def recipes_cmd(json_out: bool = JsonOpt, quiet: bool = QuietOpt, verbose: bool = VerboseOpt) -> None:
-        """List the built-in recipes (recipes/*.yaml): name, target and what each does."""
+        """List the built-in recipes (recipes/*.yaml): name, target and what each does.
+
+        \b
+        Example:
+          normsurgeon recipes --json
+        """
         def go() -> None:
             from normsurgeon.recipes import builtin_recipes, load_recipe
 
