@@ -34,11 +34,12 @@ def convert(model: str, out: str | Path, *, to: str = "rmsnorm", recipe: str | P
             dtype: str | None = None, bias_policy: str | None = None, overwrite: bool = False,
             run_verify: bool = True, text_file: Path | None = None, max_shard_size: str | int = "5GB",
             allow_pickle: bool = False, trust_remote_code: bool = False, max_logprob_delta: float | None = None,
-            status: Callable[[str], None] = lambda s: None) -> dict:
+            status: Callable[[str], None] = lambda s: None, progress: Callable[..., None] | None = None) -> dict:
     """Convert ``model`` exactly and write it to ``out``; return the equivalence report.
 
     ``max_logprob_delta``: verify against this max |delta log-prob| instead of the output dtype's own
     threshold (recorded in the report). A cast to a lower precision is judged against the cast itself.
+    ``progress("convert", done, total, unit="B")``: called as the shards are written.
 
     Raises UnsupportedModel (nothing written) when the structure does not allow an exact conversion,
     and VerificationFailed (nothing written) when the written checkpoint does not reproduce the source.
@@ -51,13 +52,13 @@ def convert(model: str, out: str | Path, *, to: str = "rmsnorm", recipe: str | P
     out_dtype_req = parse_dtype(dtype)
     with claim_output(out, inputs=[model, text_file], overwrite=overwrite, status=status) as dest:
         return _convert(model, dest, rec, policy, max_bytes, out_dtype_req, run_verify, text_file, allow_pickle,
-                        trust_remote_code, status, t0, max_logprob_delta)
+                        trust_remote_code, status, t0, max_logprob_delta, progress)
 
 
 def _convert(model: str, dest: Destination, rec: Recipe, policy: str, max_bytes: int,
              out_dtype_req: torch.dtype | None, run_verify: bool, text_file: Path | None, allow_pickle: bool,
              trust_remote_code: bool, status: Callable[[str], None], t0: float,
-             max_logprob_delta: float | None = None) -> dict:
+             max_logprob_delta: float | None = None, progress: Callable[..., None] | None = None) -> dict:
     out = dest.path
     status("loading the source model")
     src = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -74,7 +75,7 @@ def _convert(model: str, dest: Destination, rec: Recipe, policy: str, max_bytes:
     with dest.staging() as tmp:
         status("folding in float64 and writing safetensors")
         stats = execute_plan(sp, tmp, max_bytes, {"normsurgeon_recipe": rec.name}, resume=False,
-                             tensors=src.model.state_dict(), direct=False)
+                             tensors=src.model.state_dict(), direct=False, progress=progress)
         (tmp / PROGRESS).unlink(missing_ok=True)
         t_convert = time.perf_counter() - t0
         cfg = config_json(src.config, type(src.model).__name__, src.kind == "factory", plan, rec, out_dtype,

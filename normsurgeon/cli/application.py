@@ -8,7 +8,7 @@ import sys
 import typer
 
 from normsurgeon.cli import (click_compat, convert, diagnose, fold_bn, inspect, place, plan, prepbn, recipes,
-                             remove_ln, verify)
+                             remove_ln, rotate, verify)
 from normsurgeon.cli.console import err_console, out_console, set_verbosity
 from normsurgeon.cli.exits import print_usage_error
 from normsurgeon.cli.options import EPILOG, QuietOpt, VerboseOpt
@@ -36,7 +36,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     set_verbosity(-1 if quiet else 1 if verbose else 0)
 
 
-for _command in (inspect, convert, verify, recipes, fold_bn, remove_ln, place, diagnose, plan, prepbn):
+for _command in (inspect, convert, verify, recipes, fold_bn, remove_ln, place, diagnose, plan, prepbn, rotate):
     _command.register(app)
 
 

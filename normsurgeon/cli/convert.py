@@ -91,14 +91,16 @@ def register(app: typer.Typer) -> None:
             return convert_in_memory()
 
         def convert_in_memory() -> int:
+            from normsurgeon.cli.progress import progress_for
             from normsurgeon.conversion import convert as do_convert
             from normsurgeon.verification.report import print_report
 
-            report = do_convert(model, out, to=to, recipe=recipe, dtype=dtype, bias_policy=bias_policy,
-                                overwrite=overwrite, run_verify=verify, text_file=text,
-                                max_shard_size=max_shard_size, allow_pickle=allow_pickle,
-                                trust_remote_code=trust_remote_code, max_logprob_delta=max_logprob_delta,
-                                status=status(not json_out))
+            with progress_for(progress and not json_out) as bar:
+                report = do_convert(model, out, to=to, recipe=recipe, dtype=dtype, bias_policy=bias_policy,
+                                    overwrite=overwrite, run_verify=verify, text_file=text,
+                                    max_shard_size=max_shard_size, allow_pickle=allow_pickle,
+                                    trust_remote_code=trust_remote_code, max_logprob_delta=max_logprob_delta,
+                                    status=status(not json_out), progress=bar)
             if json_out:
                 emit(report, "equivalence")
             else:
