@@ -20,7 +20,8 @@ import torch
 from normsurgeon.errors import InputError
 from normsurgeon.io.checkpoint import FolderInfo, check_folder
 from normsurgeon.io.factory import resolve_attribute
-from normsurgeon.io.formats import CUSTOM_PREFIX, norm_width, rebuild_structure, section_guard, section_of
+from normsurgeon.io.formats import (CUSTOM_PREFIX, rebuild_structure, section_guard, section_of,
+                                    swap_to_rmsnorm)
 from normsurgeon.io.forms import FormRequest, form_loader
 from normsurgeon.io.resolve import resolve
 
@@ -68,7 +69,7 @@ def _load_folder(ref: str, path: Path, section: dict | None, allow_pickle: bool,
     else:
         model = _load_hf(info, trust_remote_code, allow_pickle)
         if section is not None and not stock:
-            _swap_norms(model, section)
+            swap_to_rmsnorm(model, section)
     model.eval()
     dtype = next(model.parameters()).dtype
     return LoadedModel(model, ref, "folder", path, info.config, dtype, section)
@@ -216,19 +217,6 @@ def _load_custom(info: FolderInfo, section: dict) -> torch.nn.Module:
     model = source_model(info.config, section)
     rebuild_structure(model, section, {k: tuple(v.shape) for k, v in state.items()})
     return load_recorded_state(model, state, f"converted checkpoint {info.path}")
-
-
-def _swap_norms(model: torch.nn.Module, section: dict) -> None:
-    """Replace the stock LayerNorms named in the section by RMSNorm modules with the same parameters."""
-    from normsurgeon.modules import RMSNorm
-    from normsurgeon.module_tree import set_module
-
-    offsets = section.get("gain_offset") or {}
-    for name, eps in section.get("rmsnorm", {}).items():
-        old = model.get_submodule(name)
-        new = RMSNorm(norm_width(old), eps, weight=getattr(old, "weight", None),
-                      bias=getattr(old, "bias", None), gain_offset=offsets.get(name, 0.0))
-        set_module(model, name, new)
 
 
 def read_json(path: Path) -> dict:

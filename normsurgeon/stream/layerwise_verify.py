@@ -61,9 +61,9 @@ def _rebuilt_skeleton(cfg: dict, section: dict, index: CheckpointIndex) -> torch
     shapes = {k: t.shape for k, t in index.tensors.items()}
     with torch.device("meta"):
         if section.get("stock_loadable", False) and not section.get("crms"):
-            from normsurgeon.io.loader import _swap_norms
+            from normsurgeon.io.formats import swap_to_rmsnorm
 
-            _swap_norms(model, section)
+            swap_to_rmsnorm(model, section)
         else:
             rebuild_structure(model, section, shapes)
     return model

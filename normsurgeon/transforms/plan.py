@@ -286,14 +286,7 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
                 untie.append((r, tied_to))
         shift = getattr(modules[n.name], n.kind.bias_attr, None) if n.kind.has_bias else None
         has_shift = shift is not None and bool(torch.any(shift != 0))
-        missing = [r.name for r in n.readers if not r.has_bias]
-        fold, made = decide_fold(n.name, readers, n.reads_output, has_shift, missing, policy, attrs)
-        folds.append(fold)
-        created.extend(made)
-        if not fold.fold_gain:
-            kept_gain.append(n.name)
-            if has_shift:
-                kept_shift.append(n.name)
+        _decide(n, readers, has_shift, policy, attrs, folds, created, kept_gain, kept_shift)
     untie += _tied_to_writers(model, writer_params, {r for r, _ in untie} | {name for name, _ in center})
     replace = {n.name: float(n.kind.eps) for n in nm.by_role("pre", "final")}
     if untie:
@@ -354,14 +347,7 @@ def _plan_rms_fold(model: torch.nn.Module, nm: NormMap, target: str, bias_policy
             others = [o for o in owners.get(id(modules[r].weight), []) if o != r]
             if others:
                 untie.append((r, others[0]))
-        missing = [r.name for r in n.readers if not r.has_bias]
-        fold, made = decide_fold(n.name, readers, n.reads_output, has_shift, missing, bias_policy, attrs)
-        folds.append(fold)
-        created.extend(made)
-        if not fold.fold_gain:
-            kept_gain.append(n.name)
-            if has_shift:
-                kept_shift.append(n.name)
+        _decide(n, readers, has_shift, bias_policy, attrs, folds, created, kept_gain, kept_shift)
     if untie:
         extra = sum(modules[r].weight.numel() for r, _ in untie)
         notes.append(f"untied {', '.join(r for r, _ in untie)} from {untie[0][1]}: +{extra:,} parameters")
@@ -371,3 +357,16 @@ def _plan_rms_fold(model: torch.nn.Module, nm: NormMap, target: str, bias_policy
     # layer scales stay as they are (nothing is centred; a rotation of the stream folds them itself)
     return RmsPlan(target, bias_policy, int(nm.hidden_size), untie, [], [], folds, {}, created, kept_shift,
                    kept_gain, notes, {}, [], "rmsnorm", writers)
+
+
+def _decide(n, readers: list[tuple[str, str]], has_shift: bool, policy: str, attrs: dict, folds: list,
+            created: list, kept_gain: list, kept_shift: list) -> None:
+    """Decide one norm's fold (``decide_fold``) and record it: the fold, the biases it creates, what it keeps."""
+    missing = [r.name for r in n.readers if not r.has_bias]
+    fold, made = decide_fold(n.name, readers, n.reads_output, has_shift, missing, policy, attrs)
+    folds.append(fold)
+    created.extend(made)
+    if not fold.fold_gain:
+        kept_gain.append(n.name)
+        if has_shift:
+            kept_shift.append(n.name)
