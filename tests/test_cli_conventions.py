@@ -235,8 +235,12 @@ def test_max_logprob_delta_is_recorded(capfd, tmp_path):
     assert json.loads(out)["metrics"]["max_abs_logprob"]["threshold"] == 0.5
     code, out, _ = cli(capfd, "verify", EXAMPLE, tmp_path / "rms", "--max-logprob-delta", "1e-3", "--json")
     assert code == 0 and json.loads(out)["explicit_threshold"] == {"max_abs_logprob": 1e-3}
-    code, _, err = cli(capfd, "convert", EXAMPLE, "-o", tmp_path / "s", "--stream", "--max-logprob-delta", "0.5")
-    assert code == 2 and "--max-logprob-delta" in err and not (tmp_path / "s").exists()
+    code, out, _ = cli(capfd, "convert", EXAMPLE, "-o", tmp_path / "s", "--stream", "--verify-mode", "whole",
+                       "--max-logprob-delta", "0.5", "--json")  # streamed, verified whole: applied too
+    assert code == 0 and json.loads(out)["explicit_threshold"] == {"max_abs_logprob": 0.5}
+    code, _, err = cli(capfd, "convert", EXAMPLE, "-o", tmp_path / "lw", "--stream", "--verify-mode", "layerwise",
+                       "--max-logprob-delta", "0.5")
+    assert code == 2 and "layer by layer" in err and not (tmp_path / "lw").exists()
     code, _, err = cli(capfd, "convert", EXAMPLE, "-o", tmp_path / "n", "--max-logprob-delta", "-1")
     assert code == 2
 

@@ -303,3 +303,18 @@ def test_deep_model_plan_generalises_from_a_two_block_probe(tmp_path):
     convert(str(tmp_path / "src"), tmp_path / "mem", run_verify=False)
     stream_convert(tmp_path / "src", tmp_path / "stream", verify="none")
     _same_folder(tmp_path / "mem", tmp_path / "stream")
+
+
+def test_streamed_whole_verification_takes_an_explicit_threshold(sharded, tmp_path):
+    """--max-logprob-delta with --stream: recorded and applied (a tiny one fails, nothing written)."""
+    from normsurgeon.errors import UsageError, VerificationFailed
+
+    src = sharded("gpt2")
+    r = stream_convert(src, tmp_path / "ok", verify="whole", max_logprob_delta=1e-3)
+    assert r["status"] == "pass" and r["explicit_threshold"] == {"max_abs_logprob": 1e-3}
+    assert r["metrics"]["max_abs_logprob"]["threshold"] == 1e-3
+    with pytest.raises(VerificationFailed):
+        stream_convert(src, tmp_path / "strict", verify="whole", max_logprob_delta=1e-30)
+    assert not (tmp_path / "strict").exists()
+    with pytest.raises(UsageError):
+        stream_convert(src, tmp_path / "lw", verify="layerwise", max_logprob_delta=1e-3)

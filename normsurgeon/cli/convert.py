@@ -74,19 +74,15 @@ def register(app: typer.Typer) -> None:
         def go() -> int:
             from normsurgeon.cli import streaming as cs
             from normsurgeon.cli.progress import progress_for
-            from normsurgeon.errors import UsageError
 
             streams = dry_run or stream or resume or max_memory is not None or cs.should_stream(model)
-            if streams and max_logprob_delta is not None and not dry_run:
-                raise UsageError("--max-logprob-delta applies to in-memory conversions; streaming conversions are "
-                                 "judged by the output dtype's thresholds")
             if streams:
                 with progress_for(progress and not json_out) as bar:
                     return cs.run_streaming_convert(
                         model, out, to=to, recipe=recipe, bias_policy=bias_policy, dtype=dtype, overwrite=overwrite,
                         no_verify=not verify, max_shard_size=max_shard_size, max_memory=max_memory, resume=resume,
                         dry_run=dry_run, verify_mode=verify_mode, json_out=json_out, console=out_console,
-                        status=status(not json_out), progress=bar,
+                        status=status(not json_out), progress=bar, max_logprob_delta=max_logprob_delta,
                         streamed_for_memory=not (stream or resume or max_memory is not None))
             return convert_in_memory()
 

@@ -86,7 +86,8 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
                           bias_policy: Optional[str], dtype: str,
                           overwrite: bool, no_verify: bool, max_shard_size: str, max_memory: Optional[str],
                           resume: bool, dry_run: bool, verify_mode: str, json_out: bool, console, status,
-                          streamed_for_memory: bool = False, progress: Optional[Callable] = None) -> int:
+                          streamed_for_memory: bool = False, progress: Optional[Callable] = None,
+                          max_logprob_delta: Optional[float] = None) -> int:
     if dry_run:
         if recipe is not None:  # the plan of what the recipe would do (stream_convert checks it fully)
             from normsurgeon.conversion import load_conversion_recipe
@@ -100,7 +101,8 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
     report = stream_convert(Path(model), out, to=to, recipe=recipe, bias_policy=bias_policy, dtype=dtype,
                             max_shard_size=max_shard_size, max_memory=max_memory, resume=resume,
                             overwrite=overwrite, verify="none" if no_verify else verify_mode, status=status,
-                            streamed_for_memory=streamed_for_memory, progress=progress)
+                            streamed_for_memory=streamed_for_memory, progress=progress,
+                            max_logprob_delta=max_logprob_delta)
     if json_out:
         emit(report, "equivalence")
     else:

@@ -35,7 +35,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
                    resume: bool = False, overwrite: bool = False, verify: str = "auto",
                    status: Callable[[str], None] = lambda s: None,
                    on_group_done: Callable[[str], None] | None = None, direct_io: bool | None = None,
-                   streamed_for_memory: bool = False, progress: Callable[..., None] | None = None) -> dict:
+                   streamed_for_memory: bool = False, progress: Callable[..., None] | None = None,
+                   max_logprob_delta: float | None = None) -> dict:
     """Convert the safetensors folder ``source`` group by group and write it to ``out``; return the report.
 
     ``recipe``: a recipe file or built-in name (overrides ``to``); its steps, a subset of the standard
@@ -46,6 +47,7 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     refuses (exit 6) a plan whose estimated peak is above it.
     ``on_group_done(name)`` is called from the writer thread once every byte of a group is written and
     recorded in ``progress.json`` (so also for groups finished after an interrupt in the main thread).
+    ``max_logprob_delta``: an explicit max |delta log-prob| for whole-model verification (recorded).
     ``direct_io``: write the shards with ``O_DIRECT`` where the file system allows it (past the page
     cache; ``stream/direct_writer.py``), else through the page cache; None: on unless the environment
     sets ``NORMSURGEON_DIRECT_IO=0``. ``progress(label, completed, total, unit=...)``: bytes written
@@ -60,6 +62,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
     validate_options(rec.target, policy)
     if verify not in ("auto", "whole", "layerwise", "none"):
         raise UsageError(f"verify must be auto, whole, layerwise or none, not {verify!r}")
+    if verify == "layerwise" and max_logprob_delta is not None:
+        raise UsageError("an explicit max |delta log-prob| applies to whole-model verification, not layer by layer")
     budget = parse_size(max_memory) if max_memory is not None else None
     max_bytes = parse_size(max_shard_size)
     if direct_io is None:
@@ -69,7 +73,7 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
         try:
             return _stream_convert(source, dest, rec, policy, dtype, budget, max_bytes, resume, verify, status,
                                    on_group_done, direct_io, t0, streamed_for_memory=streamed_for_memory,
-                                   progress=progress)
+                                   progress=progress, max_logprob_delta=max_logprob_delta)
         except OSError as e:
             if e.errno in SPACE_ERRNOS:  # a full disk: nothing to resume into; free the space
                 shutil.rmtree(partial_folder(out), ignore_errors=True)
@@ -82,7 +86,8 @@ def stream_convert(source: str | Path, out: str | Path, *, to: str = "rmsnorm", 
 def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: str | None, budget: int | None,
                     max_bytes: int, resume: bool, verify: str, status: Callable[[str], None],
                     on_group_done: Callable[[str], None] | None, direct_io: bool, t0: float, *,
-                    streamed_for_memory: bool = False, progress: Callable[..., None] | None = None) -> dict:
+                    streamed_for_memory: bool = False, progress: Callable[..., None] | None = None,
+                    max_logprob_delta: float | None = None) -> dict:
     from normsurgeon.conversion_output import config_json, parse_dtype, tool_versions, write_conversion_card
     from normsurgeon.verification.report import failure_line, write_report
 
@@ -119,7 +124,10 @@ def _stream_convert(source: Path, dest: Destination, rec, policy: str, dtype: st
                                    available=_available_memory())
     if mode != "none":
         status(f"verifying ({mode}): {why}")
-        report = _verify(source, tmp, mode, plan, rec, progress)
+        if mode == "layerwise" and max_logprob_delta is not None:
+            raise UsageError("an explicit max |delta log-prob| applies to whole-model verification, not layer by "
+                             "layer: pass --verify-mode whole")
+        report = _verify(source, tmp, mode, plan, rec, progress, max_logprob_delta)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.update({
         "tool": tool_versions(),
@@ -160,7 +168,8 @@ def _finished_groups(tmp: Path) -> list[str]:
         return []
 
 
-def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec, progress=None) -> dict:
+def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec, progress=None,
+            max_logprob_delta: float | None = None) -> dict:
     if mode == "layerwise":
         from normsurgeon.stream.layerwise_verify import verify_layerwise
 
@@ -169,4 +178,5 @@ def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec, progress=
     from normsurgeon.verification.written import verify_written
     from normsurgeon.io.loader import load_model
 
-    return verify_written(load_model(str(source)), tmp, plan.rms_plan.stock_loadable, rec.verify, None)
+    return verify_written(load_model(str(source)), tmp, plan.rms_plan.stock_loadable, rec.verify, None,
+                          max_logprob_delta)
