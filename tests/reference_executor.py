@@ -10,6 +10,7 @@ import torch
 from normsurgeon.module_tree import set_module
 from normsurgeon.io.formats import norm_width
 from normsurgeon.modules import CentredLayerNorm, CRMSNorm, RMSNorm
+from normsurgeon.transforms.apply import mark_untied  # config bookkeeping only, not math
 from normsurgeon.transforms.plan import RmsPlan
 from normsurgeon.transforms.primitives import (bake_norm_into_table, center_tensors, center_writer,
                                                fold_affine_into_reader,
@@ -27,16 +28,6 @@ def untie_output_embeddings(model: torch.nn.Module, plan: RmsPlan) -> None:
         mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
     if plan.untie:
         mark_untied(model)
-
-
-def mark_untied(model: torch.nn.Module) -> None:
-    """Record in the model's config (and its text sub-config) that input and output embeddings are separate."""
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        cfg.tie_word_embeddings = False
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
-        if text is not None:
-            text.tie_word_embeddings = False
 
 
 def bake_embedding_norms(model: torch.nn.Module, plan: RmsPlan) -> None:

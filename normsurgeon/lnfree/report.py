@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from normsurgeon.markdown import md_code, md_table
+from normsurgeon.train.checkpoint import checkpoints_line
 
 
 def loss_curve_png(path: Path, history: list[dict], control: list[dict] | None, events: list[dict],
@@ -89,10 +90,9 @@ def to_markdown(r: dict) -> str:
                       f"{t['processes']} process(es), back-offs: {t['backoffs']}."]
     for note in r.get("notes", []):
         lines.append(f"- note: {note}")
-    ck = r.get("checkpoints")
+    ck = checkpoints_line(r)
     if ck:
-        lines.append(f"- training checkpoints: kept in `{ck['folder']}`" if ck.get("kept") else
-                     "- training checkpoints: removed after the run (`keep_checkpoints` keeps them)")
+        lines.append(ck)
     if r.get("loss_curve"):
         lines += ["", f"![training loss per step]({r['loss_curve']})"]
     return "\n".join(lines) + "\n"

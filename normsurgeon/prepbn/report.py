@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from normsurgeon.markdown import md_code, md_table
+from normsurgeon.train.checkpoint import checkpoints_line
 
 LABELS = {"before": "before (LayerNorm model)", "repbn_no_finetune": "RepBN, recalibrated, no fine-tune",
           "after_finetune": "after fine-tune (RepBN, unfolded)", "after_fold": "after fold (written model)"}
@@ -66,10 +67,9 @@ def to_markdown(r: dict) -> str:
                  f"{m['recalibration_batches']} training batches (cumulative average, parameters frozen)")
     for note in r.get("notes", []):
         lines.append(f"- note: {note}")
-    ck = r.get("checkpoints")
+    ck = checkpoints_line(r)
     if ck:
-        lines.append(f"- training checkpoints: kept in `{ck['folder']}`" if ck.get("kept") else
-                     "- training checkpoints: removed after the run (`keep_checkpoints` keeps them)")
+        lines.append(ck)
     if r.get("loss_curve"):
         lines += ["", f"![loss and blend weight]({r['loss_curve']})"]
     return "\n".join(lines) + "\n"

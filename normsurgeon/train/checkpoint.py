@@ -97,3 +97,16 @@ def checkpoint_note(root: Path, out: Path, keep: bool, used: list[str]) -> dict 
         return None
     where = os.path.relpath(os.path.abspath(root), os.path.abspath(out))
     return {"kept": bool(keep), "folder": where if keep else None, "subfolders": list(used)}
+
+
+def checkpoints_line(report: dict) -> str | None:
+    """The report line saying where a training run's checkpoints went (``report["checkpoints"]``), if any.
+
+    >>> checkpoints_line({"checkpoints": {"kept": True, "folder": "out.checkpoints"}})
+    '- training checkpoints: kept in `out.checkpoints`'
+    """
+    ck = report.get("checkpoints")
+    if not ck:
+        return None
+    return (f"- training checkpoints: kept in `{ck['folder']}`" if ck.get("kept") else
+            "- training checkpoints: removed after the run (`keep_checkpoints` keeps them)")

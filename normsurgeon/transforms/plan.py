@@ -278,9 +278,7 @@ def plan_rms_conversion(model: torch.nn.Module, nm: NormMap, target: str, bias_p
                 kept_shift.append(n.name)
             continue
         for r, _ in readers:
-            if r in seen_readers:
-                raise UnsupportedModel(f"`{r}` reads both `{seen_readers[r]}` and `{n.name}`")
-            seen_readers[r] = n.name
+            _claim_reader(r, n.name, seen_readers)
             tied_to = writer_params.get(id(modules[r].weight))
             if tied_to is not None:
                 untie.append((r, tied_to))
@@ -341,9 +339,7 @@ def _plan_rms_fold(model: torch.nn.Module, nm: NormMap, target: str, bias_policy
                 kept_shift.append(n.name)
             continue
         for r, _ in readers:
-            if r in seen_readers:
-                raise UnsupportedModel(f"`{r}` reads both `{seen_readers[r]}` and `{n.name}`")
-            seen_readers[r] = n.name
+            _claim_reader(r, n.name, seen_readers)
             others = [o for o in owners.get(id(modules[r].weight), []) if o != r]
             if others:
                 untie.append((r, others[0]))
@@ -370,3 +366,10 @@ def _decide(n, readers: list[tuple[str, str]], has_shift: bool, policy: str, att
         kept_gain.append(n.name)
         if has_shift:
             kept_shift.append(n.name)
+
+
+def _claim_reader(reader: str, norm: str, seen: dict[str, str]) -> None:
+    """Record that ``norm`` is what ``reader`` reads; a reader of two norms cannot take both folds."""
+    if reader in seen:
+        raise UnsupportedModel(f"`{reader}` reads both `{seen[reader]}` and `{norm}`")
+    seen[reader] = norm

@@ -18,7 +18,7 @@ from normsurgeon.io.loader import LoadedModel, load_model
 from normsurgeon.verification.inputs import default_batches
 from normsurgeon.verification.metrics import THRESHOLDS, cast_thresholds, dtype_name, judge
 from normsurgeon.verification.report import SCHEMA, status_of
-from normsurgeon.verification.runner import compare_models, roundoff_gap
+from normsurgeon.verification.runner import compare_models
 
 
 def compute_dtype_for(stored: torch.dtype) -> torch.dtype:
@@ -44,8 +44,10 @@ def verify_loaded(src: LoadedModel, conv: LoadedModel, *, num: int = 4, seq_len:
     points = list((conv.converted or {}).get("rmsnorm", {}))
     margin = 2 * THRESHOLDS.get(stored, THRESHOLDS["float32"])["max_abs_logprob"]
     judged_as, note = stored, None
+    checks = dict(roundoff=roundoff and compute != torch.float64,
+                  cast_to=conv.dtype if _lower_precision(conv.dtype, src.dtype) else None)
     try:
-        result = compare_models(src.model, conv.model, batches, compute, points, margin)
+        result = compare_models(src.model, conv.model, batches, compute, points, margin, **checks)
     except RuntimeError as e:
         if compute != torch.float64 or not _no_float64_kernel(e):
             raise
@@ -53,18 +55,13 @@ def verify_loaded(src: LoadedModel, conv: LoadedModel, *, num: int = 4, seq_len:
         compute, judged_as = torch.float32, "float32"
         note = f"checked in float32 at float32's thresholds: {str(e).splitlines()[0][:120]}"
         margin = 2 * THRESHOLDS["float32"]["max_abs_logprob"]
-        result = compare_models(src.model, conv.model, batches, compute, points, margin)
-    if compute != torch.float64 and roundoff:
+        checks["roundoff"] = roundoff
+        result = compare_models(src.model, conv.model, batches, compute, points, margin, **checks)
+    if "source_roundoff" in result:
         # For scale: how far the source itself is from its own float64 evaluation on these inputs.
-        try:
-            result["metrics"]["source_roundoff_logprob"] = roundoff_gap(src.model, batches)
-        except RuntimeError:  # a kernel without a float64 version (PhiMoE's experts): no round-off scale
-            result["metrics"]["source_roundoff_logprob"] = None
-    thresholds: dict = {}
-    cast = None
-    if _lower_precision(conv.dtype, src.dtype):
-        cast = cast_error(src.model, batches, conv.dtype, margin)
-        thresholds = cast_thresholds(stored, cast)
+        result["metrics"]["source_roundoff_logprob"] = result["source_roundoff"]
+    cast = result.get("cast")
+    thresholds = cast_thresholds(stored, cast) if cast is not None else {}
     if max_logprob_delta is not None:
         thresholds["max_abs_logprob"] = max_logprob_delta
     metrics = judge(result["metrics"], judged_as, thresholds)
@@ -95,32 +92,6 @@ def _no_float64_kernel(e: RuntimeError) -> bool:
 def _lower_precision(a: torch.dtype, b: torch.dtype) -> bool:
     """Whether floating dtype ``a`` holds fewer mantissa bits than ``b`` (a lossy cast from b to a)."""
     return a.is_floating_point and b.is_floating_point and torch.finfo(a).eps > torch.finfo(b).eps
-
-
-def cast_error(model: torch.nn.Module, batches: list[dict], dtype: torch.dtype, margin: float) -> dict:
-    """The metrics of ``model`` with its weights rounded to ``dtype`` against ``model`` itself (what a
-    plain cast costs, before any conversion), computed in the model's current dtype."""
-    from normsurgeon.verification.metrics import output_metrics
-    from normsurgeon.verification.roundoff import rounded_forward
-    from normsurgeon.verification.runner import model_output
-
-    agg: dict[str, float] = {}
-    positions = 0
-    dt = next(model.parameters()).dtype
-    for batch in batches:
-        x = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in batch.items()}
-        with torch.no_grad():
-            ref = model_output(model, x)
-            with rounded_forward(model, dtype):
-                got = model_output(model, x)
-        m = output_metrics(ref, got, margin)
-        n = m.pop("positions")
-        for k in ("max_abs_logprob", "mean_kl", "top1_agreement"):
-            agg[k] = max(agg.get(k, 0.0), m[k]) if k == "max_abs_logprob" else agg.get(k, 0.0) + m[k] * n
-        positions += n
-    for k in ("mean_kl", "top1_agreement"):
-        agg[k] = agg[k] / max(positions, 1)
-    return agg
 
 
 def _describe(batches, text_file, image_dir, seed) -> str:
