@@ -31,7 +31,7 @@ res = {"timing_s": r["timing_s"], "streaming": r["streaming"], "status": r["stat
        "metrics": {k: v["value"] for k, v in r.get("metrics", {}).items()}}
 """,
     "verify-layerwise": """
-from normsurgeon.stream import verify_layerwise
+from normsurgeon.verification.layerwise import verify_layerwise
 r = verify_layerwise(SRC, OUT, num=NUM, seq_len=SEQ)
 res = {"status": r["status"], "timing_s": r["timing_s"], "bytes_read": r["layerwise"]["bytes_read"],
        "metrics": {k: v["value"] for k, v in r["metrics"].items()},

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from model_zoo import build
 from normsurgeon.conversion import convert
 from normsurgeon.errors import InputError, ResourceError, UsageError
-from normsurgeon.stream import plan_streaming, stream_convert, verify_layerwise
+from normsurgeon.stream import plan_streaming, stream_convert
+from normsurgeon.verification.layerwise import verify_layerwise
 from normsurgeon.stream.execute import partial_folder
 
 FAMILIES = ["gpt2", "opt", "bloom", "gpt_neox", "falcon", "phi", "vit"]

@@ -99,7 +99,7 @@ def test_explicit_stream_of_a_model_that_fits_verifies_whole(src, tmp_path, monk
 
 
 def test_layerwise_local_error_is_residual_errors_rel_l2():
-    from normsurgeon.stream.layerwise_verify import _rel_l2
+    from normsurgeon.verification.layerwise import _rel_l2
     from normsurgeon.verification.metrics import residual_error
 
     g = torch.Generator().manual_seed(0)

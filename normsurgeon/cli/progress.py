@@ -6,7 +6,7 @@ The library reports through a plain callable and never imports the command line:
 ``progress(label, completed, total, unit="", **fields)``; ``label`` names one bar (``convert``,
 ``fine-tune with removal``, ``whole job``...), ``unit`` is ``"B"`` for bytes (then the rate is bytes/s)
 or a word such as ``"step"``; ``fields`` (``loss``, ``stage``) are shown after the bar. Callers:
-``stream.pipeline.stream_convert``, ``stream.layerwise_verify.verify_layerwise``,
+``stream.pipeline.stream_convert``, ``verification.layerwise.verify_layerwise``,
 ``diagnose.run.run_diagnose``, ``lnfree.run.remove_ln``, ``prepbn.run.run_prepbn`` (all ``progress=``).
 
 >>> import io

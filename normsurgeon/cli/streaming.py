@@ -117,7 +117,7 @@ def run_streaming_convert(model: str, out: Path, *, to: str, recipe: Optional[st
 
 def run_layerwise_verify(source: str, converted: str, *, num: int, seq_len: int, seed: int, text: Optional[Path],
                          json_out: bool, console, progress: Optional[Callable] = None) -> int:
-    from normsurgeon.stream import verify_layerwise
+    from normsurgeon.verification.layerwise import verify_layerwise
     from normsurgeon.verification.report import print_report
 
     report = verify_layerwise(Path(source), Path(converted), num=num, seq_len=seq_len, seed=seed, text_file=text,

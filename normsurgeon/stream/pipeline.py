@@ -171,7 +171,7 @@ def _finished_groups(tmp: Path) -> list[str]:
 def _verify(source: Path, tmp: Path, mode: str, plan: StreamPlan, rec, progress=None,
             max_logprob_delta: float | None = None) -> dict:
     if mode == "layerwise":
-        from normsurgeon.stream.layerwise_verify import verify_layerwise
+        from normsurgeon.verification.layerwise import verify_layerwise
 
         return verify_layerwise(source, tmp, num=rec.verify.num_sequences, seq_len=rec.verify.seq_len,
                                 seed=rec.verify.seed, progress=progress)

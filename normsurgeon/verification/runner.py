@@ -82,7 +82,7 @@ def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches:
     kernel has no float64 version); ``cast_to`` adds ``cast``, the metrics of the source with its weights
     rounded to that dtype against the source (what a plain cast costs).
     """
-    from normsurgeon.verification.roundoff import float64_logprobs, rounded_forward
+    from normsurgeon.verification.roundoff import float64_output, max_logprob_gap, rounded_forward
 
     source.to(compute_dtype).eval()
     converted.to(compute_dtype).eval()
@@ -108,8 +108,7 @@ def compare_models(source: torch.nn.Module, converted: torch.nn.Module, batches:
         parts.append(output_metrics(s_out, c_out, margin))
         if roundoff and gap is not None:
             try:
-                ref = float64_logprobs(source, batch, model_output)
-                gap = max(gap, (ref - s_out.double().log_softmax(-1)).abs().max().item())
+                gap = max(gap, max_logprob_gap(float64_output(source, batch, model_output), s_out))
             except RuntimeError:  # a kernel without a float64 version (PhiMoE's experts): no round-off scale
                 gap = None
         if cast_to is not None:

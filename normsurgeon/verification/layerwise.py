@@ -23,7 +23,6 @@ Memory: about one block in the compute dtype plus the activations of all blocks.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,114 +30,12 @@ from typing import Any, Callable
 import torch
 
 from normsurgeon.errors import UnsupportedModel
-from normsurgeon.io.checkpoint import read_config
-from normsurgeon.io.formats import rebuild_structure, section_guard, section_of
-from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, read_tensor
 from normsurgeon.stream.malloc_tuning import tune_malloc
-from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
+from normsurgeon.stream.skeleton import block_lists
+from normsurgeon.verification.lazy import LazyUnsupported, LazyWeights, skeleton as _skeleton
 from normsurgeon.verification.inputs import default_batches
 from normsurgeon.verification.metrics import THRESHOLDS, dtype_name, judge, output_metrics, residual_error
 from normsurgeon.verification.report import SCHEMA, status_of
-
-
-def _skeleton(folder: Path) -> tuple[torch.nn.Module, dict, CheckpointIndex]:
-    """The model of ``folder`` on meta, with a normsurgeon output's structure rebuilt."""
-    cfg = read_config(folder)
-    index = read_checkpoint_index(folder)
-    section = section_of(cfg)
-    if section is None:
-        return meta_model(cfg), cfg, index
-    with section_guard(folder):
-        return _rebuilt_skeleton(cfg, section, index), cfg, index
-
-
-def _rebuilt_skeleton(cfg: dict, section: dict, index: CheckpointIndex) -> torch.nn.Module:
-    base = dict(cfg)
-    base["model_type"] = section["source_model_type"]
-    base.pop("normsurgeon", None)
-    base["architectures"] = [section["source_architecture"]]
-    model = meta_model(base)
-    shapes = {k: t.shape for k, t in index.tensors.items()}
-    with torch.device("meta"):
-        if section.get("stock_loadable", False) and not section.get("crms"):
-            from normsurgeon.io.formats import swap_to_rmsnorm
-
-            swap_to_rmsnorm(model, section)
-        else:
-            rebuild_structure(model, section, shapes)
-    return model
-
-
-class LazyWeights:
-    """Load each unit's parameters just before it runs and drop them right after."""
-
-    def __init__(self, model: torch.nn.Module, index: CheckpointIndex, dtype: torch.dtype):
-        self.model, self.index, self.dtype = model, index, dtype
-        renames = checkpoint_renames(model, list(index.tensors))
-        by_runtime = {rt: ck for ck, rt in renames.items()}
-        lists = block_lists(model)
-        self.units: dict[str, list[tuple[torch.nn.Module, str, str]]] = {}
-        aliases: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), []).append(name)
-        for owner_name, owner in model.named_modules():
-            for attr, p in owner._parameters.items():
-                if p is None:
-                    continue
-                full = f"{owner_name}.{attr}" if owner_name else attr
-                ckpt = by_runtime.get(full) or next((by_runtime[a] for a in aliases[id(p)] if a in by_runtime), None)
-                if ckpt is None:
-                    raise UnsupportedModel(f"{folder_name(index)} has no tensor for parameter {full}")
-                hit = split_block(full, lists)
-                unit = f"{hit[0]}.{hit[1]}" if hit else owner_name
-                self.units.setdefault(unit, []).append((owner, attr, ckpt))
-        self.hooks: list = []
-        self.loaded_bytes = 0
-
-    def load(self, unit: str) -> None:
-        for owner, attr, ckpt in self.units[unit]:
-            t = read_tensor(self.index.tensors[ckpt])
-            owner._parameters[attr] = torch.nn.Parameter(t.to(self.dtype), requires_grad=False)
-            self.loaded_bytes += t.numel() * t.element_size()
-
-    def drop(self, unit: str) -> None:
-        for owner, attr, _ in self.units[unit]:
-            p = owner._parameters[attr]
-            owner._parameters[attr] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                         requires_grad=False)
-
-    @contextlib.contextmanager
-    def attached(self, on_block=None):
-        """Hooks that load/drop units; ``on_block(name, module, args, kwargs, output)`` sees each block."""
-        blocks = {f"{lst}.{i}" for lst, n in block_lists(self.model).items() for i in range(n)}
-        for unit in self.units:
-            mod = self.model.get_submodule(unit)
-            is_block = unit in blocks
-
-            def pre(m, args, kwargs, unit=unit):
-                if not getattr(self, "_inner", False):
-                    self.load(unit)
-
-            def post(m, args, kwargs, output, unit=unit, is_block=is_block):
-                if getattr(self, "_inner", False):
-                    return None
-                if is_block and on_block is not None:
-                    on_block(unit, m, args, kwargs, output)
-                self.drop(unit)
-                return None
-
-            self.hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-            self.hooks.append(mod.register_forward_hook(post, with_kwargs=True))
-        try:
-            yield self
-        finally:
-            for h in self.hooks:
-                h.remove()
-            self.hooks = []
-
-
-def folder_name(index: CheckpointIndex) -> str:
-    return str(index.folder)
 
 
 def _first_tensor(x: Any) -> torch.Tensor:
@@ -253,11 +150,8 @@ def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4,
 
         with lazy_conv.attached(compare), torch.no_grad():
             c_out = _output_tensor(conv(**batch, **extra)).detach()
-    except (RuntimeError, NotImplementedError) as e:
-        if "meta" in str(e):
-            raise UnsupportedModel(f"layer-by-layer verification needs every parameter to be used inside its "
-                                   f"module's forward ({str(e).splitlines()[0]}); use whole-model verification") from None
-        raise
+    except LazyUnsupported as e:
+        raise UnsupportedModel(f"layer-by-layer verification: {e}; use whole-model verification") from None
     sname = dtype_name(stored)
     margin = 2 * THRESHOLDS.get(sname, THRESHOLDS["float32"])["max_abs_logprob"]
     m = output_metrics(s_out, c_out, margin)
