@@ -16,7 +16,7 @@ from model_zoo import build_zoo
 from normsurgeon.conversion import convert
 from normsurgeon.io.loader import load_model
 from normsurgeon.recipes import recipe_for_target
-from normsurgeon.verification import roundoff, written
+from normsurgeon.verification import lazy, roundoff, written
 from normsurgeon.verification.lazy import LazyUnsupported
 
 FAMILIES = ["gpt2", "bloom", "falcon", "llama", "mixtral", "gemma", "t5", "whisper", "vit", "esm", "dbrx"]
@@ -39,7 +39,7 @@ def _whole_load(monkeypatch):
         raise LazyUnsupported("forced whole load for the comparison")
 
     with monkeypatch.context() as m:
-        m.setattr(written, "lazy_output", refuse)
+        m.setattr(lazy, "lazy_output", refuse)
         yield
 
 
@@ -93,3 +93,15 @@ def test_float64_reference_with_chunked_head_and_table_matches_a_float64_copy(mo
     assert got.dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
     assert "forward" not in model.lm_head.__dict__ and "forward" not in model.transformer.wte.__dict__
     assert torch.allclose(got, want, rtol=0, atol=1e-12), (got - want).abs().max()
+
+
+def test_verify_runs_a_convert_output_unit_by_unit_and_other_forms_whole(tmp_path):
+    from normsurgeon.verification.api import verify
+
+    src, out = _converted("gpt2", tmp_path)
+    r = verify(str(src.path), str(out))
+    assert r["status"] == "pass" and r["output"]["loaded"] == "unit by unit"
+    stock = verify(str(src.path), str(out), stock=True)
+    assert stock["status"] == "pass" and stock["output"]["loaded"] == "unit by unit"
+    assert verify("normsurgeon.testing:tiny_gpt2", "normsurgeon.testing:tiny_gpt2")["output"]["loaded"].startswith(
+        "whole (not a local folder")

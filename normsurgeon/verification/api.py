@@ -108,6 +108,29 @@ def verify(source: str, converted: str, *, stock: bool = False, num: int = 4, se
     ``stock=True`` loads the converted folder with the plain Hugging Face class instead of normsurgeon.
     """
     src = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    conv = load_model(converted, stock=stock, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return verify_loaded(src, conv, num=num, seq_len=seq_len, seed=seed, text_file=text_file, image_dir=image_dir,
-                         max_logprob_delta=max_logprob_delta)
+    return verify_against(src, converted, stock=stock, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                          num=num, seq_len=seq_len, seed=seed, text_file=text_file, image_dir=image_dir,
+                          max_logprob_delta=max_logprob_delta)
+
+
+def verify_against(src: LoadedModel, converted: str | Path, *, stock: bool = False, allow_pickle: bool = False,
+                   trust_remote_code: bool = False, **kw) -> dict:
+    """``verify_loaded`` of the loaded source against ``converted``. A local safetensors folder (a plain
+    checkpoint or a ``convert`` output) runs unit by unit, each block read from its shards as it runs
+    (``verification/lazy.py``); anything else, or a model that cannot run that way, is loaded whole.
+    ``output.loaded`` in the report says which."""
+    from normsurgeon.verification.lazy import LazyUnsupported, lazy_output
+
+    reason = "not a local folder"
+    if Path(converted).is_dir() and not trust_remote_code:
+        try:
+            with lazy_output(Path(converted), stock=stock) as conv:
+                report = verify_loaded(src, conv, **kw)
+            report["output"]["loaded"] = "unit by unit"
+            return report
+        except LazyUnsupported as e:
+            reason = str(e)
+    conv = load_model(str(converted), stock=stock, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    report = verify_loaded(src, conv, **kw)
+    report["output"]["loaded"] = f"whole ({reason})"
+    return report

@@ -30,6 +30,9 @@ from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, r
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
 
 
+LAZY_FORMS = ("pre-rmsnorm", "pre-crmsnorm")  # normsurgeon outputs this module can rebuild on meta
+
+
 class LazyUnsupported(UnsupportedModel):
     """The model uses a parameter outside its owner module's forward: it cannot run unit by unit."""
 
@@ -38,8 +41,10 @@ def skeleton(folder: Path, stock: bool = False) -> tuple[torch.nn.Module, dict, 
     """The model of ``folder`` on meta, with a normsurgeon output's structure rebuilt (``stock=True``:
     the plain class as stock transformers builds it, for a stock-loadable output)."""
     cfg = read_config(folder)
-    index = read_checkpoint_index(folder)
     section = section_of(cfg)
+    if section is not None and section.get("format") not in LAZY_FORMS:
+        raise LazyUnsupported(f"its form ({section.get('format')}) is rebuilt by its own recipe")
+    index = read_checkpoint_index(folder)
     if section is None or stock:
         return meta_model(cfg), cfg, index
     with section_guard(folder):
@@ -90,7 +95,11 @@ class LazyWeights:
     def load(self, unit: str) -> None:
         for owner, attr, ckpt in self.units[unit]:
             t = read_tensor(self.index.tensors[ckpt])
-            owner._parameters[attr] = torch.nn.Parameter(t.to(self.dtype), requires_grad=False)
+            # The placeholder's dtype: a model moved with ``.to(dtype)`` since (a float64 check retried in
+            # float32) loads in that dtype.
+            held = owner._parameters[attr]
+            dtype = held.dtype if held is not None and held.is_floating_point() else self.dtype
+            owner._parameters[attr] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
             self.loaded_bytes += t.numel() * t.element_size()
 
     def drop(self, unit: str) -> None:

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normsurgeon.io.loader import LoadedModel, load_model
-from normsurgeon.verification.api import verify_loaded
-from normsurgeon.verification.lazy import LazyUnsupported, lazy_output
+from normsurgeon.io.loader import LoadedModel
+from normsurgeon.verification.api import verify_against
 
 
 def verify_written(src: LoadedModel, folder: Path, stock_loadable: bool, settings, text_file: Path | None = None,
@@ -48,11 +47,4 @@ def verify_written(src: LoadedModel, folder: Path, stock_loadable: bool, setting
 
 def _verify_form(src: LoadedModel, folder: Path, stock: bool, kw: dict) -> dict:
     """One form of the output against the source: run unit by unit, or loaded whole where it cannot."""
-    try:
-        with lazy_output(folder, stock=stock) as conv:
-            report = verify_loaded(src, conv, **kw)
-        report["output"]["loaded"] = "unit by unit"
-    except LazyUnsupported as e:
-        report = verify_loaded(src, load_model(str(folder), stock=stock), **kw)
-        report["output"]["loaded"] = f"whole ({e})"
-    return report
+    return verify_against(src, folder, stock=stock, **kw)
