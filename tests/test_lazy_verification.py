@@ -7,6 +7,7 @@ their metrics agree to within 1e-6 absolute (float32) - in practice bit-for-bit.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_float64_reference_with_chunked_head_and_table_matches_a_float64_copy(mo
     run = lambda m, b: m(**b, use_cache=False).logits  # noqa: E731
     got = roundoff.float64_output(model, ids, run)
     with torch.no_grad():
-        want = run(__import__("copy").deepcopy(model).double(), ids)
+        want = run(copy.deepcopy(model).double(), ids)
     assert got.dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
     assert "forward" not in model.lm_head.__dict__ and "forward" not in model.transformer.wte.__dict__
     assert torch.allclose(got, want, rtol=0, atol=1e-12), (got - want).abs().max()

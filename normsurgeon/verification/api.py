@@ -16,14 +16,9 @@ import torch
 
 from normsurgeon.io.loader import LoadedModel, load_model
 from normsurgeon.verification.inputs import default_batches
-from normsurgeon.verification.metrics import THRESHOLDS, cast_thresholds, dtype_name, judge
+from normsurgeon.verification.metrics import THRESHOLDS, cast_thresholds, compute_dtype_for, dtype_name, judge
 from normsurgeon.verification.report import SCHEMA, status_of
 from normsurgeon.verification.runner import compare_models
-
-
-def compute_dtype_for(stored: torch.dtype) -> torch.dtype:
-    """float64 checkpoints are checked in float64; everything else in float32 (half types upcast on CPU)."""
-    return torch.float64 if stored == torch.float64 else torch.float32
 
 
 def verify_loaded(src: LoadedModel, conv: LoadedModel, *, num: int = 4, seq_len: int = 64, seed: int = 0,

@@ -32,9 +32,10 @@ import torch
 from normsurgeon.errors import UnsupportedModel
 from normsurgeon.stream.malloc_tuning import tune_malloc
 from normsurgeon.stream.skeleton import block_lists
-from normsurgeon.verification.lazy import LazyUnsupported, LazyWeights, skeleton as _skeleton
+from normsurgeon.verification.lazy import LazyUnsupported, LazyWeights, skeleton as _skeleton, stored_dtype
 from normsurgeon.verification.inputs import default_batches
-from normsurgeon.verification.metrics import THRESHOLDS, dtype_name, judge, output_metrics, residual_error
+from normsurgeon.verification.metrics import (THRESHOLDS, compute_dtype_for, dtype_name, judge, output_metrics,
+                                              residual_error)
 from normsurgeon.verification.report import SCHEMA, status_of
 
 
@@ -103,8 +104,8 @@ def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4,
     source, converted = Path(source), Path(converted)
     src, _, src_index = _skeleton(source)
     conv, conv_cfg, conv_index = _skeleton(converted)
-    stored = next(t.dtype for t in conv_index.tensors.values() if t.dtype.is_floating_point)
-    compute = torch.float64 if stored == torch.float64 else torch.float32
+    stored = stored_dtype(conv_index)
+    compute = compute_dtype_for(stored)
     src.to(compute)
     conv.to(compute)
     batch = _one_batch(default_batches(src, source, num=num, seq_len=seq_len, seed=seed, text_file=text_file))
@@ -123,11 +124,11 @@ def verify_layerwise(source: str | Path, converted: str | Path, *, num: int = 4,
         src_io[name] = (_hidden_in(args, kwargs).detach().clone(), _first_tensor(output).detach().clone())
         tick()
 
-    lazy_src = LazyWeights(src, src_index, compute)
+    lazy_src = LazyWeights(src, src_index)
     try:
         with lazy_src.attached(keep), torch.no_grad():
             s_out = _output_tensor(src(**batch, **extra)).detach()
-        lazy_conv = LazyWeights(conv, conv_index, compute)
+        lazy_conv = LazyWeights(conv, conv_index)
         per_layer = []
 
         def compare(name, m, args, kwargs, output):

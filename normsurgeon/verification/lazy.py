@@ -28,6 +28,7 @@ from normsurgeon.io.checkpoint import read_config
 from normsurgeon.io.formats import rebuild_structure, section_guard, section_of, swap_to_rmsnorm
 from normsurgeon.stream.headers import CheckpointIndex, read_checkpoint_index, read_tensor
 from normsurgeon.stream.skeleton import block_lists, checkpoint_renames, meta_model, split_block
+from normsurgeon.verification.metrics import compute_dtype_for
 
 
 LAZY_FORMS = ("pre-rmsnorm", "pre-crmsnorm")  # normsurgeon outputs this module can rebuild on meta
@@ -66,11 +67,19 @@ def _rebuilt_skeleton(cfg: dict, section: dict, index: CheckpointIndex) -> torch
     return model
 
 
-class LazyWeights:
-    """Load each unit's parameters just before it runs and drop them right after."""
+def stored_dtype(index: CheckpointIndex) -> torch.dtype:
+    """The dtype a checkpoint's floating tensors are stored in (its first floating tensor's)."""
+    return next(t.dtype for t in index.tensors.values() if t.dtype.is_floating_point)
 
-    def __init__(self, model: torch.nn.Module, index: CheckpointIndex, dtype: torch.dtype):
-        self.model, self.index, self.dtype = model, index, dtype
+
+class LazyWeights:
+    """Load each unit's parameters just before it runs and drop them right after.
+
+    Each tensor is loaded in its meta placeholder's dtype: move the model with ``.to(dtype)`` to choose
+    the compute dtype (also between runs: a float64 check retried in float32)."""
+
+    def __init__(self, model: torch.nn.Module, index: CheckpointIndex):
+        self.model, self.index = model, index
         renames = checkpoint_renames(model, list(index.tensors))
         by_runtime = {rt: ck for ck, rt in renames.items()}
         lists = block_lists(model)
@@ -95,10 +104,7 @@ class LazyWeights:
     def load(self, unit: str) -> None:
         for owner, attr, ckpt in self.units[unit]:
             t = read_tensor(self.index.tensors[ckpt])
-            # The placeholder's dtype: a model moved with ``.to(dtype)`` since (a float64 check retried in
-            # float32) loads in that dtype.
-            held = owner._parameters[attr]
-            dtype = held.dtype if held is not None and held.is_floating_point() else self.dtype
+            dtype = owner._parameters[attr].dtype  # the meta placeholder's (see the class doc)
             owner._parameters[attr] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
             self.loaded_bytes += t.numel() * t.element_size()
 
@@ -155,10 +161,9 @@ def lazy_output(folder: Path, *, stock: bool) -> Iterator:
     folder = Path(folder)
     try:
         model, cfg, index = skeleton(folder, stock=stock)
-        stored = next(t.dtype for t in index.tensors.values() if t.dtype.is_floating_point)
-        compute = torch.float64 if stored == torch.float64 else torch.float32
-        model.to(compute).eval()
-        weights = LazyWeights(model, index, compute)
+        stored = stored_dtype(index)
+        model.to(compute_dtype_for(stored)).eval()
+        weights = LazyWeights(model, index)
     except (InputError, UnsupportedModel) as e:  # no transformers class to build on meta, an unmapped tensor
         raise LazyUnsupported(f"cannot be built without its weights: {e}") from None
     with weights.attached():

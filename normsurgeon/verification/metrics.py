@@ -26,6 +26,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def compute_dtype_for(stored: torch.dtype) -> torch.dtype:
+    """float64 checkpoints are checked in float64; everything else in float32 (half types upcast on CPU)."""
+    return torch.float64 if stored == torch.float64 else torch.float32
+
+
 def output_metrics(src_logits: torch.Tensor, conv_logits: torch.Tensor, margin: float = 0.0,
                    chunk: int = 32) -> dict:
     """Compare two logit tensors [..., classes]. ``margin``: top-1 agreement counts only positions whose

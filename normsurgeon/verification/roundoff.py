@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 F64 = torch.float64
-CHUNK_BYTES = 32 * 2**20  # float64 rows of a large Linear cast at a time (``float64_forward``)
+CHUNK_BYTES = 32 * 2**20  # float64 bytes of a large Linear's rows cast at a time; also the size above which
+#                           a Linear or Embedding is never cast whole (``float64_forward``)
 
 
 @contextlib.contextmanager
@@ -75,11 +76,11 @@ def _swapped(model: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tens
 def float64_forward(model: torch.nn.Module) -> Iterator[None]:
     """Inside, ``model`` computes in float64 (parameters upcast module by module during its forward) and
     torch's default dtype is float64; outside, it is unchanged."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
     large = [m for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Embedding)
              and "forward" not in m.__dict__ and m.weight.dtype != F64 and m.weight.numel() * 8 > CHUNK_BYTES
              and getattr(m, "max_norm", None) is None]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
     for m in large:
         m.forward = _chunked_linear(m) if type(m) is torch.nn.Linear else _gathered_embedding(m)
     try:

@@ -33,9 +33,9 @@ def verify_written(src: LoadedModel, folder: Path, stock_loadable: bool, setting
     kw = dict(num=settings.num_sequences, seq_len=settings.seq_len, seed=settings.seed, text_file=text_file,
               max_logprob_delta=max_logprob_delta)
     if not stock_loadable:
-        return _verify_form(src, folder, False, kw)
-    stock_report = _verify_form(src, folder, True, kw)
-    report = _verify_form(src, folder, False, {**kw, "roundoff": False})
+        return verify_against(src, folder, **kw)
+    stock_report = verify_against(src, folder, stock=True, **kw)
+    report = verify_against(src, folder, roundoff=False, **kw)
     if "source_roundoff_logprob" in stock_report["metrics"]:  # measured once (not in float64)
         report["metrics"]["source_roundoff_logprob"] = stock_report["metrics"]["source_roundoff_logprob"]
     report["stock_load"] = {"status": stock_report["status"], "loaded_as": stock_report["output"]["loaded_as"],
@@ -43,8 +43,3 @@ def verify_written(src: LoadedModel, folder: Path, stock_loadable: bool, setting
     if stock_report["status"] != "pass":
         report["status"] = "fail"
     return report
-
-
-def _verify_form(src: LoadedModel, folder: Path, stock: bool, kw: dict) -> dict:
-    """One form of the output against the source: run unit by unit, or loaded whole where it cannot."""
-    return verify_against(src, folder, stock=stock, **kw)
